@@ -154,7 +154,7 @@ class SiT(nn.Module):
     """SiT backbone plus ``classifier``, the LSEP probe at depth ``encoder_depth``.
 
     ``model(x, t, y)`` returns ``(velocity, probe_logits)``; ``probe_logits`` is None in eval
-    mode (or when the model has no probe branch to run).
+    mode and for the baseline (``probe=False``: plain SiT training, same keys).
     """
 
     def __init__(
@@ -174,12 +174,16 @@ class SiT(nn.Module):
         crop_end=None,
         qk_norm=False,
         fused_attn=True,
+        probe=True,
         **unused,
     ):
         super().__init__()
         unknown = set(unused) - {"path_type", "use_cfg", "decoder_hidden_size", "random_crop_kwargs"}
         if unknown:
             raise TypeError(f"SiT got unexpected keyword arguments: {sorted(unknown)}")
+        if "random_crop_kwargs" in unused:  # the authors' form: [random_crop, crop_start, crop_end]
+            random_crop, crop_start, crop_end = unused["random_crop_kwargs"]
+            crop_start, crop_end = (crop_start, crop_end) if random_crop else (None, None)
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
         if not 1 <= encoder_depth <= depth:
@@ -193,6 +197,7 @@ class SiT(nn.Module):
         self.encoder_depth = encoder_depth
         self.class_dropout_prob = class_dropout_prob
         self.uncond_prob = uncond_prob
+        self.probe = probe  # False: the SiT baseline (no probe branch; classifier kept for the keys)
         self.grid_size = input_size // patch_size
         self.crop_start, self.crop_end = self._check_crop(crop_start, crop_end)
 
@@ -280,6 +285,8 @@ class SiT(nn.Module):
         if not self.training:
             return self.forward_conditioned(x, t, y)
         y_main = self.y_embedder.drop(y, self.class_dropout_prob)
+        if not self.probe:
+            return self.forward_conditioned(x, t, y_main)
         y_probe = self.y_embedder.drop(y, self.uncond_prob)
         window = self.sample_crop_window(x.shape[0], x.device)
         return self.forward_conditioned(x, t, y_main, y_probe, window)

@@ -237,3 +237,21 @@ def test_pooled_block_features_match_forward_tokens():
     with torch.no_grad():
         _, logits = model.forward_conditioned(x, t, y, y, None)
     torch.testing.assert_close(model.classifier(feats[1]), logits, rtol=1e-5, atol=1e-6)
+
+
+def test_baseline_switch_runs_no_probe_branch():
+    model = tiny(probe=False).train()
+    torch.manual_seed(0)
+    v, logits = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]))
+    assert logits is None and v.shape == (2, 4, 8, 8)
+    assert set(model.state_dict()) == set(tiny().state_dict())
+
+
+def test_authors_constructor_keywords():
+    model = SiT_models["SiT-S/2"](input_size=8, num_classes=10, use_cfg=True, path_type="linear",
+                                  random_crop_kwargs=[True, 2, 4])
+    assert (model.crop_start, model.crop_end) == (2, 4)
+    off = SiT_models["SiT-S/2"](input_size=8, num_classes=10, random_crop_kwargs=[False, 2, 4])
+    assert off.crop_start is None
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        SiT_models["SiT-S/2"](input_size=8, num_classes=10, crop_size=3)
