@@ -14,7 +14,9 @@ from loss import interpolant
 def unwrap_model(model):
     """The SiT under DDP / torch.compile wrappers."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner = getattr(model, "module", None)
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)
         if inner is None:
             return model
         model = inner

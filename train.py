@@ -1,0 +1,525 @@
+"""Train a SiT with the LSEP linear-probe loss (``LSEP_SPEC.md`` sections 5 and 8).
+
+    accelerate launch --num_processes 8 train.py --model SiT-XL/2 --exp-name NAME --data-dir DATA
+    torchrun --nproc_per_node 8 train.py ...        python train.py ...   (one process, CPU or GPU)
+
+Same flags and defaults as the authors' train.py, plus a few (see ``parse_args``). Differences
+that matter: ``--batch-size`` is the global batch of one optimizer step (split over processes
+and accumulation steps); every random draw is a function of (seed, step, shard) so resuming is
+exact; previews come from the EMA model in eval mode; checkpoints are written atomically; a
+non-finite step is skipped and logged instead of poisoning the run.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from loss import LSEPLoss
+from models import SiT, SiT_models
+from models.checkpoint import atomic_save, load_checkpoint_file
+from samplers import euler_sampler, unwrap_model
+import train_utils as tu
+from train_utils import TrainingDiverged, TrainingError
+
+PREVIEW_SAMPLES = 64      # images in each preview grid (the authors' 64)
+PREVIEW_STEPS = 50        # Euler steps of the preview sampler
+PREVIEW_CFG = 4.0         # the authors' preview guidance scale
+DATA_HINT = ("create it with preprocessing/dataset_tools.py: `convert --source IMAGENET/train --dest DATA/images "
+             "--resolution 256x256`, then `encode --source DATA/images --dest DATA/vae-sd` (see its --help)")
+
+logger = logging.getLogger("lsep.train")
+
+
+#################################################################################
+#                                     Setup                                     #
+#################################################################################
+
+def setup_logging(exp_dir, is_main):
+    """Log to stdout and <exp>/log.txt on the main process; warnings only elsewhere."""
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if is_main:
+        handlers.append(logging.FileHandler(os.path.join(exp_dir, "log.txt")))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+
+
+def open_dataset(args):
+    """The training set: SD-VAE moments from <data-dir>/vae-sd, or uint8 images with --vae none."""
+    from dataset import CustomDataset
+    from preprocessing.storage import DatasetError
+
+    if not os.path.isdir(args.data_dir):
+        raise TrainingError(f"--data-dir {args.data_dir} does not exist; {DATA_HINT}")
+    mode = "pixel" if args.vae == "none" else "latent"
+    try:
+        return CustomDataset(args.data_dir, mode=mode)
+    except DatasetError as exc:
+        raise TrainingError(f"--data-dir {args.data_dir}: {exc}") from None
+
+
+def data_geometry(args, dataset, vae):
+    """(in_channels, input_size) of the model, derived from the data and checked against --resolution."""
+    if args.vae == "none":
+        channels, height, width = dataset.image_shape
+        if height != width:
+            raise TrainingError(f"--data-dir images are {width}x{height}; SiT needs square inputs")
+        if height != args.resolution:
+            raise TrainingError(f"--resolution {args.resolution} does not match the {height}x{height} images in "
+                                f"{args.data_dir}; pass --resolution {height}")
+        return channels, height
+    from models.vae import LATENT_DOWNSAMPLE, downsample_factor, latent_channels
+    channels2, height, width = dataset.latent_shape
+    if height != width:
+        raise TrainingError(f"--data-dir latents are {width}x{height}; SiT needs square inputs")
+    factor = downsample_factor(vae) if vae is not None else LATENT_DOWNSAMPLE
+    if height * factor != args.resolution:
+        raise TrainingError(f"--resolution {args.resolution} does not match the data: {height}x{height} latents are "
+                            f"{height * factor} px with the VAE's factor {factor}; pass --resolution "
+                            f"{height * factor} or re-encode the images at {args.resolution} px")
+    if vae is not None and latent_channels(vae) * 2 != channels2:
+        raise TrainingError(f"--vae {args.vae} has {latent_channels(vae)} latent channels but the data's moments have "
+                            f"{channels2 // 2}; pass the VAE the data was encoded with")
+    return channels2 // 2, height
+
+
+def load_preview_vae(args, accelerator):
+    """The decoder for preview grids, on the main process only; every process fails together."""
+    from models.vae import VAEWeightsMissing, load_vae
+    vae, error = None, None
+    if accelerator.is_main_process and args.vae != "none" and args.sampling_steps > 0:
+        try:
+            vae = load_vae(args.vae, accelerator.device)
+        except VAEWeightsMissing as exc:
+            error = exc
+    failed = torch.tensor([float(error is not None)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(failed, reduction="sum")
+    if failed.item():
+        raise TrainingError(f"--vae {args.vae}: the preview decoder could not be loaded"
+                            f"{': ' + str(error) if error else ' on the main process'}\n"
+                            "(training itself only needs the latents: --sampling-steps 0 turns previews off)")
+    return vae
+
+
+def tracker_config(args):
+    """Flag values as scalars/strings (TensorBoard's hparams accepts nothing else)."""
+    out = {}
+    for key, value in vars(args).items():
+        if isinstance(value, (dict, list, tuple)):
+            value = json.dumps(value)
+        out[key] = "None" if value is None else value
+    return out
+
+
+def build_dataloader(args, dataset, accelerator, start_step, start_sample):
+    """A DataLoader over this process's shards of every step (never re-sharded by accelerate)."""
+    accum = args.gradient_accumulation_steps
+    rank = accelerator.process_index
+    sampler = tu.StepBatchSampler(
+        dataset_size=len(dataset), global_batch=args.batch_size * accum, num_shards=accelerator.num_processes * accum,
+        shards=range(rank * accum, (rank + 1) * accum), seed=args.seed, start_step=start_step,
+        start_sample=start_sample)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=accelerator.device.type == "cuda", persistent_workers=args.num_workers > 0)
+    return loader
+
+
+#################################################################################
+#                                   Previews                                    #
+#################################################################################
+
+def preview_noise(args, model_kwargs, device):
+    """Fixed preview noise and labels, a function of --seed only (same grid content every time)."""
+    generator = torch.Generator().manual_seed(tu.derive_seed(args.seed, -2, 0))
+    size, channels = model_kwargs["input_size"], model_kwargs["in_channels"]
+    x = torch.randn(PREVIEW_SAMPLES, channels, size, size, generator=generator)
+    y = torch.randint(0, model_kwargs["num_classes"], (PREVIEW_SAMPLES,), generator=generator)
+    return x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def make_preview(ema, vae, noise, labels, args, accelerator):
+    """(B, H, W, 3) uint8 samples of the EMA model in eval mode (not the training-mode model)."""
+    with accelerator.autocast():
+        x = euler_sampler(ema, noise, labels, num_steps=PREVIEW_STEPS, cfg_scale=PREVIEW_CFG,
+                          guidance_low=0.0, guidance_high=1.0, path_type=args.path_type, heun=False)
+    x = x.float()
+    if vae is None:  # pixel space: the inverse of image / 127.5 - 1
+        return torch.clamp(127.5 * x + 128.0, 0, 255).floor().permute(0, 2, 3, 1).to(torch.uint8)
+    from models.vae import decode_to_uint8
+    return torch.cat([decode_to_uint8(vae, chunk) for chunk in x.split(16)])
+
+
+#################################################################################
+#                                  Training loop                                #
+#################################################################################
+
+def main(args):
+    """Train; returns the final step. Raises TrainingError on bad flags/data, TrainingDiverged
+    after --max-nonfinite consecutive non-finite steps."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    exp_dir = os.path.join(args.output_dir, args.exp_name)
+    checkpoint_dir = os.path.join(exp_dir, "checkpoints")
+    if args.report_to == "wandb":
+        message = tu.ensure_wandb_cannot_hang()
+        if message:
+            print(message)
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise TrainingError("--mixed-precision fp16 needs a GPU; use bf16 or no on CPU")
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # lets torchrun / accelerate launch run CPU processes (gloo)
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=exp_dir, logging_dir=os.path.join(exp_dir, args.logging_dir)),
+    )
+    device, is_main = accelerator.device, accelerator.is_main_process
+    if is_main:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
+    setup_logging(exp_dir, is_main)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- flags vs data: every user error surfaces here, before any training ----
+    # The authors' meaning: --batch-size samples per micro-step over all processes, so one optimizer
+    # step sees --batch-size x --gradient-accumulation-steps samples.
+    accum = args.gradient_accumulation_steps
+    global_batch = args.batch_size * accum
+    if args.batch_size % accelerator.num_processes:
+        raise TrainingError(f"--batch-size {args.batch_size} is not divisible by the {accelerator.num_processes} "
+                            "processes; each process takes --batch-size / processes samples per micro-step")
+    dataset = open_dataset(args)
+    if args.num_classes < dataset.num_classes:
+        raise TrainingError(f"--num-classes {args.num_classes} is smaller than the {dataset.num_classes} classes "
+                            f"of {args.data_dir} (labels up to {int(dataset.labels.max())})")
+    vae = load_preview_vae(args, accelerator)
+    in_channels, input_size = data_geometry(args, dataset, vae)
+    model_kwargs = tu.model_kwargs_from_args(args, in_channels, input_size)
+    args.model_kwargs = model_kwargs
+    args.random_crop = model_kwargs["crop_start"] is not None
+    args.crop_end = model_kwargs["crop_end"] if args.random_crop else args.crop_end
+    args.learning_rate_class = tu.classifier_learning_rate(args)
+    args.num_processes = accelerator.num_processes
+    resume_path = tu.resolve_resume(checkpoint_dir, args.resume_step)
+
+    # ---- model, EMA, optimizer ----
+    torch.manual_seed(args.seed)  # same init on every process and for every process count
+    try:
+        model = SiT(**model_kwargs)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    classifier_params = list(model.classifier.parameters())
+    other_params = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    optimizer = torch.optim.AdamW(
+        [{"params": other_params, "weight_decay": args.adam_weight_decay},
+         {"params": classifier_params, "lr": args.learning_rate_class, "weight_decay": args.adam_weight_decay_class}],
+        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    loss_fn = LSEPLoss(prediction=args.prediction, path_type=args.path_type, weighting=args.weighting,
+                       weights_type=args.weights_type, weight_class=args.weight_class,
+                       weight_start=args.weight_start, weight_end=args.weight_end, n_weights=args.n_weights)
+
+    step, samples_seen, nonfinite = 0, 0, {"consecutive": 0, "total": 0}
+    model = model.to(device)
+    ema = ema.to(device)
+    model, optimizer = accelerator.prepare(model, optimizer)  # never the dataloader: we shard it ourselves
+    scaler = accelerator.scaler
+    if resume_path is not None:
+        checkpoint = load_checkpoint_file(resume_path)
+        saved = getattr(checkpoint.get("args"), "model_kwargs", None)
+        ignore = {"fused_attn"}
+        if saved is not None and {k: v for k, v in saved.items() if k not in ignore} != \
+                {k: v for k, v in model_kwargs.items() if k not in ignore}:
+            raise TrainingError(f"{resume_path} was trained with model {saved}, but these flags give {model_kwargs}")
+        step, samples_seen, nonfinite = tu.restore_checkpoint(checkpoint, unwrap_model(model), ema, optimizer, scaler)
+        for group, lr, decay in zip(optimizer.param_groups, (args.learning_rate, args.learning_rate_class),
+                                    (args.adam_weight_decay, args.adam_weight_decay_class)):
+            group.update(lr=lr, weight_decay=decay)  # the flags win over the saved values
+        data_info = checkpoint.get("data") or {}
+        if data_info.get("dataset_size", len(dataset)) != len(dataset):
+            logger.warning(f"the dataset has changed size since {resume_path}: the data order differs from an unbroken run")
+        samples_seen = step * global_batch if samples_seen is None else samples_seen
+        del checkpoint
+        logger.info(f"Resumed from {resume_path} at step {step} ({samples_seen:,} samples seen)")
+    elif tu.list_checkpoints(checkpoint_dir) and is_main:
+        logger.warning(f"{checkpoint_dir} already holds checkpoints; this fresh run (--resume-step 0) overwrites "
+                       "them as it reaches their steps (--resume-step -1 resumes from the latest)")
+
+    steps_for_epochs = math.ceil(args.epochs * len(dataset) / global_batch)
+    total_steps = min(args.max_train_steps, steps_for_epochs)
+    model.train()
+    ema_params = list(ema.parameters())
+    model_params = list(unwrap_model(model).parameters())
+    loader = build_dataloader(args, dataset, accelerator, step, samples_seen)
+    data_iter = iter(loader)
+
+    if is_main:
+        with open(os.path.join(exp_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        logger.info(f"Experiment directory {exp_dir}")
+        logger.info(f"SiT parameters: {sum(p.numel() for p in model_params):,}; model {model_kwargs}")
+        logger.info(f"Dataset: {len(dataset):,} items ({args.data_dir}, {'pixels' if args.vae == 'none' else 'latents'})")
+        logger.info(f"Global batch {global_batch} per optimizer step = {accelerator.num_processes} processes x {accum} "
+                    f"accumulation steps x {args.batch_size // accelerator.num_processes} per micro-batch "
+                    f"(the authors fix 256; any size works); {total_steps} steps "
+                    f"(--max-train-steps {args.max_train_steps}, --epochs {args.epochs}); "
+                    f"classifier lr {args.learning_rate_class}; {accelerator.mixed_precision} precision")
+    accelerator.init_trackers(project_name="LSEP", config=tracker_config(args),
+                              init_kwargs={"wandb": {"name": args.exp_name, "dir": exp_dir}})
+
+    stats_path = os.path.join(exp_dir, "stats.jsonl")
+    preview = preview_noise(args, model_kwargs, device) if is_main and args.sampling_steps > 0 else None
+    guard = tu.NonFiniteGuard(args.max_nonfinite, **nonfinite)
+    stats = tu.StepStats(device)
+    nan_steps = parse_step_list(args.debug_nan_steps)
+    last_checkpoint = resume_path
+    progress = tqdm(total=total_steps, initial=step, desc="Steps", disable=not accelerator.is_local_main_process)
+    start_time = time.time()
+    try:
+        while step < total_steps:
+            # ---- one optimizer step: accum micro-batches, each seeded by (seed, step, shard) ----
+            denoising_sum = probe_sum = accuracy_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                moments, labels = next(data_iter)
+                tu.seed_step(args.seed, step, accelerator.process_index * accum + micro, device)
+                x = moments.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                if args.vae == "none":
+                    x = x.float() / 127.5 - 1
+                else:
+                    from models.vae import sample_posterior
+                    x = sample_posterior(x)
+                sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
+                with sync:
+                    denoising_loss, probe_loss, probe_accuracy = loss_fn(model, x, dict(y=labels))
+                    denoising_loss = denoising_loss.mean()
+                    if step + 1 in nan_steps:
+                        denoising_loss = denoising_loss * float("nan")
+                    accelerator.backward((denoising_loss + probe_loss) / accum)
+                denoising_sum = denoising_sum + denoising_loss.detach() / accum
+                probe_sum = probe_sum + probe_loss.detach() / accum
+                accuracy_sum = accuracy_sum + probe_accuracy.detach() / accum
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+
+            # ---- non-finite guard: one reduced flag, so every process takes the same branch ----
+            loss_bad = ~torch.isfinite(denoising_sum + probe_sum)
+            grad_bad = ~torch.isfinite(grad_norm)
+            flags = torch.stack([loss_bad, grad_bad]).float().reshape(2)
+            if accelerator.num_processes > 1:
+                flags = accelerator.reduce(flags, reduction="sum")
+            loss_bad, grad_bad = (bool(v > 0) for v in flags.tolist())
+            bad = loss_bad or (grad_bad and scaler is None)  # with fp16 an overflow is the scaler's to handle
+            if bad:
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.update()  # unscale_ ran in clip_grad_norm_; reset the scaler and back off its scale
+                stats.skipped += 1
+            else:
+                optimizer.step()
+                if accelerator.optimizer_step_was_skipped:
+                    stats.overflows += 1
+                else:
+                    tu.update_ema(ema_params, model_params, args.ema_decay)
+                    stats.add(denoising_sum, probe_sum, accuracy_sum, grad_norm)
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            samples_seen += global_batch
+            stats.samples += global_batch
+            progress.update(1)
+            if bad:
+                logger.warning(f"step {step}: non-finite {'loss' if loss_bad else 'gradient norm'}; optimizer step "
+                               f"skipped ({guard.consecutive + 1} in a row)")
+            diverged = None
+            try:
+                guard.record(bad, step, last_checkpoint)
+            except TrainingDiverged as exc:
+                diverged = exc
+
+            # ---- logging (the only host syncs besides the guard flag) ----
+            if step % args.log_every == 0 or step == total_steps or diverged is not None:
+                summary = stats.summary(accelerator)
+                record = {"step": step, "kimg": samples_seen / 1e3, "epoch": samples_seen / len(dataset), **summary,
+                          "nonfinite_total": guard.total, "lr": optimizer.param_groups[0]["lr"],
+                          "lr_class": optimizer.param_groups[1]["lr"],
+                          "loss_scale": scaler.get_scale() if scaler is not None else None,
+                          "time": time.time() - start_time, **tu.memory_stats(device)}
+                if is_main:
+                    tu.append_stats(stats_path, record)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", probe=f"{record['probe_loss']:.4f}",
+                                         acc=f"{record['probe_accuracy']:.3f}")
+                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                                step=step)
+            if diverged is not None:
+                logger.error(str(diverged))
+                raise diverged
+
+            # ---- checkpoints: every --checkpointing-steps, every --checkpointing-epochs, and at the end ----
+            epoch_now, epoch_before = samples_seen // len(dataset), (samples_seen - global_batch) // len(dataset)
+            epoch_due = args.checkpointing_epochs > 0 and \
+                epoch_now // args.checkpointing_epochs > epoch_before // args.checkpointing_epochs
+            if (args.checkpointing_steps > 0 and step % args.checkpointing_steps == 0) or epoch_due \
+                    or step == total_steps:
+                path = tu.checkpoint_path(checkpoint_dir, step)
+                if is_main:
+                    checkpoint = tu.build_checkpoint(unwrap_model(model), ema, optimizer, args, step, samples_seen,
+                                                     len(dataset), scaler, guard.state())
+                    atomic_save(checkpoint, path)
+                    logger.info(f"Saved checkpoint to {path}")
+                last_checkpoint = path
+                accelerator.wait_for_everyone()
+
+            # ---- preview grid from the EMA model in eval mode ----
+            if preview is not None and step % args.sampling_steps == 0:
+                images = make_preview(ema, vae, *preview, args, accelerator)
+                grid = tu.image_grid(images)
+                tu.save_png(grid, os.path.join(exp_dir, "samples", f"{step:07d}.png"))
+                tu.log_image(accelerator, "samples", grid, step)
+                logger.info(f"Saved preview samples/{step:07d}.png")
+    finally:
+        progress.close()
+        accelerator.end_training()
+    logger.info(f"Done: {step} steps")
+    return step
+
+
+def parse_step_list(text):
+    """'3,5-7' -> {3, 5, 6, 7} (the hidden --debug-nan-steps)."""
+    steps = set()
+    for part in filter(None, (text or "").split(",")):
+        lo, _, hi = part.partition("-")
+        steps.update(range(int(lo), int(hi or lo) + 1))
+    return steps
+
+
+#################################################################################
+#                                      CLI                                      #
+#################################################################################
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="LSEP training (SiT + linear-probe loss)")
+    # logging
+    parser.add_argument("--output-dir", type=str, default="exps")
+    parser.add_argument("--exp-name", type=str, required=True)
+    parser.add_argument("--logging-dir", type=str, default="logs", help="tracker folder inside <output-dir>/<exp-name>")
+    parser.add_argument("--report-to", type=str, default="wandb", choices=["wandb", "tensorboard", "none"],
+                        help="wandb logs offline when neither WANDB_MODE nor an API key is set")
+    parser.add_argument("--sampling-steps", type=int, default=10000, help="preview grid every N steps (0 = off)")
+    parser.add_argument("--resume-step", type=int, default=0,
+                        help="resume from <exp>/checkpoints/<N:07d>.pt; -1 = the latest one, or a fresh start if none")
+    parser.add_argument("--log-every", type=int, default=100, help="stats/tracker/progress-bar update every N steps")
+    # model
+    parser.add_argument("--model", type=str, default=None, help=f"one of {', '.join(SiT_models)}")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--encoder-depth", type=int, default=8)
+    parser.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--uncond-prob", type=float, default=0.9, help="null-label probability of the probe branch")
+    parser.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: on when --crop-start is below the token grid side; --no-random-crop forces off")
+    parser.add_argument("--crop-start", type=int, default=16, help="smallest probe window side, in tokens")
+    parser.add_argument("--crop-end", type=int, default=None,
+                        help="exclusive largest side; default grid side + 1 (the authors' 17 at 256 px, patch 2)")
+    parser.add_argument("--hidden-size", type=int, default=None, help="override the config's width")
+    parser.add_argument("--depth", type=int, default=None, help="override the config's depth")
+    parser.add_argument("--num-heads", type=int, default=None, help="override the config's heads")
+    parser.add_argument("--patch-size", type=int, default=None, help="override the config's patch size")
+    # dataset
+    parser.add_argument("--data-dir", type=str, default="../data/imagenet256")
+    parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (checked against the data)")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="samples per micro-step over all processes (the authors' meaning); an optimizer "
+                             "step sees --batch-size x --gradient-accumulation-steps")
+    parser.add_argument("--vae", type=str, default="mse",
+                        help="preview decoder: ema | mse | hub name | folder; none = pixel-space training on images/")
+    # precision
+    parser.add_argument("--allow-tf32", action="store_true")
+    parser.add_argument("--mixed-precision", type=str, default="fp16", choices=["no", "fp16", "bf16"])
+    # optimization
+    parser.add_argument("--epochs", type=int, default=1400)
+    parser.add_argument("--max-train-steps", type=int, default=400010)
+    parser.add_argument("--checkpointing-steps", type=int, default=400000)
+    parser.add_argument("--checkpointing-epochs", type=int, default=100, help="also checkpoint every N epochs (0 = off)")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--adam-beta1", type=float, default=0.9)
+    parser.add_argument("--adam-beta2", type=float, default=0.999)
+    parser.add_argument("--adam-weight-decay", type=float, default=0.0)
+    parser.add_argument("--adam-epsilon", type=float, default=1e-08)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--learning-rate-class", type=float, default=None,
+                        help="probe classifier lr; default 1e-4, 3e-2 for SiT-B (the authors' rule)")
+    parser.add_argument("--adam-weight-decay-class", type=float, default=0.0)
+    parser.add_argument("--ema-decay", type=float, default=0.9999)
+    parser.add_argument("--max-nonfinite", type=int, default=10,
+                        help="stop after N consecutive skipped non-finite steps (0 = never)")
+    # seed / cpu
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=8)
+    # loss
+    parser.add_argument("--path-type", type=str, default="linear", choices=["linear", "cosine"])
+    parser.add_argument("--prediction", type=str, default="v", choices=["v"])
+    parser.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout of the main branch (for CFG)")
+    parser.add_argument("--weighting", type=str, default="uniform", choices=["uniform", "lognormal"])
+    parser.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False, help="accepted, unused")
+    # LSEP probe loss
+    parser.add_argument("--weights-type", type=str, default="constant", choices=["constant", "steps"])
+    parser.add_argument("--weight-class", type=float, default=0.02, help="probe weight for --weights-type constant")
+    parser.add_argument("--weight-start", type=float, default=0.02, help="first bin's weight for --weights-type steps")
+    parser.add_argument("--weight-end", type=float, default=0.03, help="last bin's weight for --weights-type steps")
+    parser.add_argument("--n-weights", type=int, default=10, help="time bins for --weights-type steps")
+    # testing: multiply the loss by NaN at these steps, e.g. "3,5-7" (step numbers as logged, from 1)
+    parser.add_argument("--debug-nan-steps", type=str, default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.model is None:
+        parser.error(f"--model is required: one of {', '.join(SiT_models)}")
+    if args.model not in SiT_models:
+        parser.error(f"--model {args.model!r} is not a SiT config; choose one of {', '.join(SiT_models)}")
+    for flag in ("batch_size", "gradient_accumulation_steps", "log_every", "resolution", "max_train_steps", "epochs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("sampling_steps", "checkpointing_steps", "checkpointing_epochs", "max_nonfinite", "num_workers"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.resume_step < -1:
+        parser.error("--resume-step must be a step >= 0, or -1 for the latest checkpoint")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        parser.error(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
+    try:
+        parse_step_list(args.debug_nan_steps)
+    except ValueError:
+        parser.error(f"--debug-nan-steps {args.debug_nan_steps!r}: expected e.g. 3,5-7")
+    return args
+
+
+def cli(argv=None):
+    args = parse_args(argv)
+    try:
+        main(args)
+    except (TrainingError, TrainingDiverged) as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, TrainingDiverged) else 1)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,410 @@
+"""The reusable parts of train.py: model config, data order, seeding, EMA, checkpoints, logging.
+
+Design (``LSEP_SPEC.md`` sections 5 and 8.5; EDM2's training habits): every random draw of
+optimizer step ``s`` is a function of ``(seed, s, shard)``. The global batch of step ``s`` is a
+slice of an infinite stream of epoch-seeded permutations of the dataset, cut into
+``num_processes x grad_accum`` shards; shard ``j = rank * accum + micro_step`` goes to that
+process and micro step, and the global torch RNG is reseeded from ``(seed, s, j)`` before its
+posterior sample and forward pass. Hence no RNG state is checkpointed, a run resumed at step N
+continues exactly like an unbroken one, and 2 processes x 1 accumulation step see the same
+samples and noise as 1 process x 2 accumulation steps.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import resource
+import struct
+import time
+
+import torch
+
+from models import SIT_SIZES, SiT_models
+
+CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
+MODEL_NAME = re.compile(r"^SiT-(S|B|L|XL)/(\d+)$")
+
+
+class TrainingError(RuntimeError):
+    """A user-fixable problem found at start-up (data, flags, checkpoints); printed as one message."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is left intact."""
+
+
+#################################################################################
+#                                  Model config                                 #
+#################################################################################
+
+def parse_model_name(name):
+    """'SiT-XL/2' -> ('XL', 2). Unknown names raise TrainingError listing the choices."""
+    match = MODEL_NAME.match(name or "")
+    if match is None or name not in SiT_models:
+        raise TrainingError(f"--model {name!r} is not a SiT config; choose one of {', '.join(SiT_models)}")
+    return match.group(1), int(match.group(2))
+
+
+def model_kwargs_from_args(args, in_channels, input_size):
+    """The full SiT(...) constructor kwargs for these flags and data (stored as args.model_kwargs).
+
+    Size flags (--hidden-size, --depth, --num-heads, --patch-size) override the config's. The
+    probe crop is on when --crop-start is below the token grid side (and --no-random-crop was not
+    given); its exclusive end is --crop-end when given, else grid + 1 (the authors' 17 at 256 px
+    with patch 2). A window that does not fit raises a TrainingError naming the flag.
+    """
+    size, patch = parse_model_name(args.model)
+    depth, hidden, heads = SIT_SIZES[size]
+    kwargs = dict(
+        input_size=int(input_size),
+        patch_size=int(args.patch_size or patch),
+        in_channels=int(in_channels),
+        hidden_size=int(args.hidden_size or hidden),
+        depth=int(args.depth or depth),
+        num_heads=int(args.num_heads or heads),
+        mlp_ratio=4.0,
+        class_dropout_prob=float(args.cfg_prob),
+        num_classes=int(args.num_classes),
+        encoder_depth=int(args.encoder_depth),
+        uncond_prob=float(args.uncond_prob),
+        crop_start=None,
+        crop_end=None,
+        qk_norm=bool(args.qk_norm),
+        fused_attn=bool(args.fused_attn),
+    )
+    if kwargs["input_size"] % kwargs["patch_size"]:
+        raise TrainingError(f"input size {input_size} (from the data at --resolution {args.resolution}) is not "
+                            f"divisible by the patch size {kwargs['patch_size']} (--model / --patch-size)")
+    if kwargs["hidden_size"] % kwargs["num_heads"]:
+        raise TrainingError(f"--hidden-size {kwargs['hidden_size']} is not divisible by --num-heads {kwargs['num_heads']}")
+    if not 1 <= kwargs["encoder_depth"] <= kwargs["depth"]:
+        raise TrainingError(f"--encoder-depth {args.encoder_depth} must be in [1, depth={kwargs['depth']}]")
+    grid = kwargs["input_size"] // kwargs["patch_size"]
+    if args.random_crop is not False and args.crop_start < grid:
+        crop_end = grid + 1 if args.crop_end is None else args.crop_end
+        if args.crop_start < 1 or crop_end <= args.crop_start:
+            raise TrainingError(f"--crop-start {args.crop_start} / --crop-end {crop_end}: need 1 <= start < end")
+        if crop_end > grid + 1:
+            raise TrainingError(f"--crop-end {crop_end} (exclusive) allows windows larger than the {grid}x{grid} "
+                                f"token grid (input {kwargs['input_size']}, patch {kwargs['patch_size']}); "
+                                f"set --crop-end <= {grid + 1} or leave it out")
+        kwargs["crop_start"], kwargs["crop_end"] = int(args.crop_start), int(crop_end)
+    return kwargs
+
+
+def classifier_learning_rate(args):
+    """--learning-rate-class when given; else the authors' rule: 3e-2 for SiT-B, 1e-4 otherwise."""
+    if args.learning_rate_class is not None:
+        return args.learning_rate_class
+    size, _ = parse_model_name(args.model)
+    return 3e-2 if size == "B" else 1e-4
+
+
+#################################################################################
+#                            Seeds and data order                               #
+#################################################################################
+
+def derive_seed(*parts):
+    """A 63-bit seed that is a hash of integer ``parts`` (so streams never overlap by offset)."""
+    data = struct.pack(f"<{len(parts)}q", *(int(p) for p in parts))
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+def seed_step(seed, step, shard, device=None):
+    """Seed the global torch RNG (CPU, and ``device`` when it is a GPU) for shard ``shard`` of step ``step``."""
+    value = derive_seed(seed, step, shard)
+    torch.random.default_generator.manual_seed(value)
+    if device is not None and device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(value)
+
+
+class StepBatchSampler:
+    """Infinite batch sampler: this process's micro-batches of every optimizer step from ``start_step``.
+
+    The sample stream is the concatenation of permutations of ``range(dataset_size)``, epoch ``e``
+    permuted by a generator seeded from (seed, e). Step ``s`` takes the ``global_batch`` samples
+    at stream position ``start_sample + (s - start_step) * global_batch``, split into
+    ``num_shards`` equal shards; this process yields its ``shards`` in order, one list per micro
+    step. Works with DataLoader(batch_sampler=...) and any number of workers.
+    """
+
+    PERMUTATION_DOMAIN = -1  # keeps permutation seeds apart from step seeds
+
+    def __init__(self, dataset_size, global_batch, num_shards, shards, seed, start_step=0, start_sample=None):
+        if dataset_size < 1:
+            raise TrainingError("the dataset is empty")
+        if global_batch % num_shards:
+            raise TrainingError(f"global batch {global_batch} is not divisible into {num_shards} shards")
+        self.dataset_size = int(dataset_size)
+        self.global_batch = int(global_batch)
+        self.local_batch = self.global_batch // num_shards
+        self.shards = list(shards)
+        self.seed = int(seed)
+        self.start_step = int(start_step)
+        self.start_sample = self.start_step * self.global_batch if start_sample is None else int(start_sample)
+        self._cache = {}
+
+    def permutation(self, epoch):
+        if epoch not in self._cache:
+            if len(self._cache) > 2:
+                self._cache.pop(min(self._cache))
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.PERMUTATION_DOMAIN, epoch))
+            self._cache[epoch] = torch.randperm(self.dataset_size, generator=generator)
+        return self._cache[epoch]
+
+    def indices(self, position, count):
+        """Dataset indices of stream positions [position, position + count)."""
+        out = []
+        while count > 0:
+            epoch, offset = divmod(position, self.dataset_size)
+            take = min(count, self.dataset_size - offset)
+            out.extend(self.permutation(epoch)[offset:offset + take].tolist())
+            position, count = position + take, count - take
+        return out
+
+    def step_indices(self, step):
+        """{shard: indices} of this process's shards of optimizer step ``step``."""
+        base = self.start_sample + (step - self.start_step) * self.global_batch
+        return {j: self.indices(base + j * self.local_batch, self.local_batch) for j in self.shards}
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            batches = self.step_indices(step)
+            for shard in self.shards:
+                yield batches[shard]
+            step += 1
+
+
+#################################################################################
+#                                      EMA                                      #
+#################################################################################
+
+@torch.no_grad()
+def update_ema(ema_params, model_params, decay):
+    """ema <- decay * ema + (1 - decay) * model, over two equally ordered lists of tensors."""
+    torch._foreach_mul_(ema_params, decay)
+    torch._foreach_add_(ema_params, model_params, alpha=1.0 - decay)
+
+
+#################################################################################
+#                                  Checkpoints                                  #
+#################################################################################
+
+def checkpoint_path(checkpoint_dir, step):
+    return os.path.join(checkpoint_dir, f"{step:07d}.pt")
+
+
+def list_checkpoints(checkpoint_dir):
+    """Sorted [(step, path)] of the ``<step:07d>.pt`` files in ``checkpoint_dir`` (temp files excluded)."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    found = []
+    for name in os.listdir(checkpoint_dir):
+        match = CHECKPOINT_NAME.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(checkpoint_dir, name)))
+    return sorted(found)
+
+
+def resolve_resume(checkpoint_dir, resume_step):
+    """Checkpoint path to resume from: None for a fresh run (0, or -1 with no checkpoint yet), the
+    latest for -1, else exactly ``resume_step`` (missing: TrainingError listing what exists)."""
+    if resume_step == 0:
+        return None
+    available = list_checkpoints(checkpoint_dir)
+    if resume_step < 0:
+        return available[-1][1] if available else None
+    for step, path in available:
+        if step == resume_step:
+            return path
+    listing = ", ".join(str(s) for s, _ in available) or "none"
+    raise TrainingError(f"--resume-step {resume_step}: {checkpoint_path(checkpoint_dir, resume_step)} does not exist; "
+                        f"available steps in {checkpoint_dir}: {listing} (--resume-step -1 takes the latest)")
+
+
+def build_checkpoint(model, ema, optimizer, args, step, samples_seen, dataset_size, scaler=None, nonfinite=None):
+    """The authors' layout (model, ema, opt, args, steps, epoch) plus what exact resume needs.
+
+    Everything is a tensor, dict, list, number, str, None or argparse.Namespace, so the file
+    loads with ``torch.load(weights_only=True)`` (``models.checkpoint.load_checkpoint_file``).
+    """
+    return {
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "opt": optimizer.state_dict(),
+        "args": argparse.Namespace(**vars(args)),
+        "steps": int(step),
+        "epoch": int(samples_seen // dataset_size),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "data": {"samples_seen": int(samples_seen), "dataset_size": int(dataset_size),
+                 "global_batch": int(args.batch_size * args.gradient_accumulation_steps), "seed": int(args.seed)},
+        "nonfinite": dict(nonfinite or {"consecutive": 0, "total": 0}),
+    }
+
+
+def restore_checkpoint(checkpoint, model, ema, optimizer, scaler=None):
+    """Load a build_checkpoint dict (or an authors' one) into the training objects.
+
+    Returns (step, samples_seen or None, nonfinite counters). Authors' checkpoints lack the data
+    position; the caller then assumes ``step x global batch``.
+    """
+    model.load_state_dict(checkpoint["model"], strict=True)
+    ema.load_state_dict(checkpoint["ema"], strict=True)
+    optimizer.load_state_dict(checkpoint["opt"])
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    data = checkpoint.get("data") or {}
+    nonfinite = checkpoint.get("nonfinite") or {"consecutive": 0, "total": 0}
+    return int(checkpoint["steps"]), data.get("samples_seen"), dict(nonfinite)
+
+
+#################################################################################
+#                          Non-finite guard and stats                           #
+#################################################################################
+
+def all_ranks_any(flag, accelerator):
+    """True on every process when ``flag`` (a bool tensor) is True on any; the one per-step sync."""
+    flag = flag.detach().reshape(1).float()
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return bool(flag.item() > 0)
+
+
+class NonFiniteGuard:
+    """Counts skipped steps; raises TrainingDiverged after ``max_consecutive`` in a row (0 = never)."""
+
+    def __init__(self, max_consecutive, consecutive=0, total=0):
+        self.max_consecutive = max_consecutive
+        self.consecutive = consecutive
+        self.total = total
+
+    def record(self, bad, step, last_checkpoint=None):
+        if not bad:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.total += 1
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+            raise TrainingDiverged(
+                f"training stopped at step {step}: {self.consecutive} consecutive steps with a non-finite loss or "
+                f"gradient norm (--max-nonfinite {self.max_consecutive}); {where}. Lower --learning-rate, try "
+                f"--mixed-precision bf16/no, or resume from it with --resume-step")
+
+    def state(self):
+        return {"consecutive": self.consecutive, "total": self.total}
+
+
+class StepStats:
+    """Training statistics summed on the device between log steps, so the loop never waits on them."""
+
+    KEYS = ("loss", "denoising_loss", "probe_loss", "probe_accuracy", "grad_norm")
+
+    def __init__(self, device):
+        self.sums = torch.zeros(len(self.KEYS), device=device, dtype=torch.float64)
+        self.good_steps = 0
+        self.skipped = 0
+        self.overflows = 0
+        self.samples = 0
+        self.start = time.perf_counter()
+
+    def add(self, denoising_loss, probe_loss, probe_accuracy, grad_norm):
+        """Add one finished optimizer step's (device scalar) values."""
+        values = torch.stack([(denoising_loss + probe_loss).double(), denoising_loss.double(), probe_loss.double(),
+                              probe_accuracy.double(), grad_norm.double()])
+        self.sums += values
+        self.good_steps += 1
+
+    def summary(self, accelerator):
+        """Means over the window and all processes, plus counts and throughput; resets the window."""
+        sums = self.sums
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums.clone(), reduction="mean")
+        means = (sums / max(self.good_steps, 1)).tolist()
+        elapsed = time.perf_counter() - self.start
+        out = {k: (v if self.good_steps else float("nan")) for k, v in zip(self.KEYS, means)}
+        out.update(skipped_steps=self.skipped, fp16_overflows=self.overflows,
+                   samples_per_sec=self.samples / max(elapsed, 1e-9))
+        self.sums.zero_()
+        self.good_steps = self.skipped = self.overflows = self.samples = 0
+        self.start = time.perf_counter()
+        return out
+
+
+def memory_stats(device):
+    """Peak CUDA memory since the last call (GiB) and this process's resident memory (GiB)."""
+    stats = {}
+    if device.type == "cuda":
+        stats["cuda_max_alloc_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/statm") as f:
+            stats["cpu_rss_gb"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):  # not Linux: peak RSS instead
+        stats["cpu_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return stats
+
+
+def append_stats(path, record):
+    """Append one JSON line (EDM2's stats.jsonl); non-finite floats are written as null."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    with open(path, "a") as f:
+        f.write(json.dumps(clean) + "\n")
+
+
+#################################################################################
+#                                    Trackers                                   #
+#################################################################################
+
+def wandb_has_credentials(environ=None, netrc_path=None):
+    """True when wandb could log in without asking: an API key in the environment or ~/.netrc."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_API_KEY"):
+        return True
+    netrc_path = netrc_path or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        with open(netrc_path) as f:
+            return "api.wandb.ai" in f.read()
+    except OSError:
+        return False
+
+
+def ensure_wandb_cannot_hang(environ=None, netrc_path=None):
+    """Without WANDB_MODE and without credentials, switch wandb to offline mode (it would prompt
+    for a login otherwise). Returns the message to print, or None when nothing was changed."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_MODE") or wandb_has_credentials(environ, netrc_path):
+        return None
+    environ["WANDB_MODE"] = "offline"
+    return ("wandb: no API key (WANDB_API_KEY or `wandb login`) and WANDB_MODE unset: logging offline; "
+            "upload later with `wandb sync`")
+
+
+def log_image(accelerator, name, grid, step):
+    """Send an (H, W, 3) uint8 numpy grid to whichever trackers are active."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+            tracker.log({name: wandb.Image(grid)}, step=step)
+        elif tracker.name == "tensorboard":
+            tracker.writer.add_image(name, grid, step, dataformats="HWC")
+
+
+def image_grid(images):
+    """(B, H, W, 3) uint8 tensor -> (rows*H, cols*W, 3) uint8 numpy grid, near-square."""
+    import torchvision
+    nrow = max(1, round(math.sqrt(images.shape[0])))
+    grid = torchvision.utils.make_grid(images.permute(0, 3, 1, 2).cpu(), nrow=nrow, padding=2, pad_value=0)
+    return grid.permute(1, 2, 0).contiguous().numpy()
+
+
+def save_png(array, path):
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
