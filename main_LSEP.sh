@@ -22,7 +22,7 @@ esac
 # ---- hardware ----
 N_GPU="${N_GPU:-4}"                       # processes per node (accelerate launch / torchrun)
 N_ACCUM="${N_ACCUM:-1}"                   # gradient accumulation steps
-BATCH_SIZE="${BATCH_SIZE:-256}"           # global batch per optimizer step (split over GPUs x accumulation)
+BATCH_SIZE="${BATCH_SIZE:-256}"           # batch per micro-step over all GPUs (optimizer step: x N_ACCUM)
 PYTHON="${PYTHON:-python}"
 
 # ---- data and output ----
