@@ -433,6 +433,8 @@ def parse_args(argv=None):
     parser.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--uncond-prob", type=float, default=0.9, help="null-label probability of the probe branch")
+    parser.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-probe trains the SiT baseline: no probe branch, no probe loss, all else equal")
     parser.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=None,
                         help="default: on when --crop-start is below the token grid side; --no-random-crop forces off")
     parser.add_argument("--crop-start", type=int, default=16, help="smallest probe window side, in tokens")

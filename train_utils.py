@@ -73,6 +73,7 @@ def model_kwargs_from_args(args, in_channels, input_size):
         crop_end=None,
         qk_norm=bool(args.qk_norm),
         fused_attn=bool(args.fused_attn),
+        probe=bool(getattr(args, "probe", True)),
     )
     if kwargs["input_size"] % kwargs["patch_size"]:
         raise TrainingError(f"input size {input_size} (from the data at --resolution {args.resolution}) is not "

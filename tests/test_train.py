@@ -239,7 +239,7 @@ def test_checkpoint_layout_matches_authors(latent_dir, tmp_path):
     assert kwargs == {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 2,
                       "num_heads": 2, "mlp_ratio": 4.0, "class_dropout_prob": 0.1, "num_classes": NUM_LABELS,
                       "encoder_depth": 1, "uncond_prob": 0.9, "crop_start": 2, "crop_end": 5, "qk_norm": False,
-                      "fused_attn": True}
+                      "fused_attn": True, "probe": True}
     for which in ("ema", "model"):
         model = SiT(**kwargs)
         load_model_weights(model, path, which=which, strict=True)
@@ -336,3 +336,16 @@ def test_unknown_model_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--exp-name", "x", "--model", "SiT-M/2"])
     assert "SiT-XL/2" in capsys.readouterr().err
+
+
+def test_baseline_switch_trains_without_probe(latent_dir, tmp_path):
+    run(*tiny_argv(latent_dir, tmp_path, "base", "--max-train-steps", 2, "--no-probe", "--weight-class", 0.5))
+    checkpoint = ckpt(tmp_path, "base", 2)
+    assert checkpoint["args"].model_kwargs["probe"] is False
+    records = stats(tmp_path, "base")
+    assert [r["probe_loss"] for r in records] == [0.0, 0.0] and all(r["loss"] > 0 for r in records)
+    # the classifier gets no gradient, so AdamW (weight decay 0) leaves it at its initialisation
+    torch.manual_seed(0)  # train.py initialises under --seed
+    init = SiT(**checkpoint["args"].model_kwargs).state_dict()
+    assert torch.equal(checkpoint["model"]["classifier.1.weight"], init["classifier.1.weight"])
+    assert not torch.equal(checkpoint["model"]["final_layer.linear.weight"], init["final_layer.linear.weight"])
