@@ -1,0 +1,210 @@
+"""generate.py: determinism across processes and batch sizes, restart, npz format, errors."""
+import argparse
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import generate
+from models import SiT
+from models.checkpoint import atomic_save
+from samplers import euler_sampler
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PIXEL_KWARGS = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+                    num_classes=4, encoder_depth=1)
+LATENT_KWARGS = {**PIXEL_KWARGS, "in_channels": 4}
+
+
+def tiny_checkpoint(path, kwargs, with_model_kwargs=True):
+    """A checkpoint like train.py's, with weights large enough to give varied images."""
+    torch.manual_seed(0)
+    model = SiT(**kwargs)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    train_args = argparse.Namespace(model_kwargs=dict(kwargs)) if with_model_kwargs else argparse.Namespace()
+    atomic_save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "args": train_args,
+                 "steps": 0}, path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    root = tmp_path_factory.mktemp("generate")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                        sample_size=16)
+    vae.save_pretrained(root / "tinyvae")
+    pixel_model = tiny_checkpoint(str(root / "pixel.pt"), PIXEL_KWARGS)
+    tiny_checkpoint(str(root / "latent.pt"), LATENT_KWARGS)
+    return {"root": root, "pixel": pixel_model, "pixel_ckpt": str(root / "pixel.pt"),
+            "latent_ckpt": str(root / "latent.pt"), "vae": str(root / "tinyvae")}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two CPU cores shared with other jobs: one thread avoids OpenMP spin contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_inprocess(argv):
+    args = generate.parse_args(argv)
+    generate.main(args)
+    return generate.sample_folder(generate.parse_args(argv))
+
+
+def run_subprocess(argv, nproc=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run(launcher + ["generate.py", *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def pngs(folder):
+    """{name: mtime} of the PNGs in ``folder``."""
+    return {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in os.listdir(folder) if n.endswith(".png")}
+
+
+def load(folder):
+    with np.load(folder + ".npz") as f:
+        return f["arr_0"]
+
+
+def latent_args(files, out, batch, *extra):
+    return ["--ckpt", files["latent_ckpt"], "--vae", files["vae"], "--resolution", "16", "--num-fid-samples",
+            "10", "--per-proc-batch-size", str(batch), "--sample_dir", str(out), "--mode", "sde",
+            "--num-steps", "6", "--cfg-scale", "2.0", "--guidance-high", "0.7", "--device", "cpu", *extra]
+
+
+def pixel_args(files, out, batch, *extra):
+    return ["--ckpt", files["pixel_ckpt"], "--vae", "none", "--resolution", "8", "--num-fid-samples", "12",
+            "--per-proc-batch-size", str(batch), "--sample_dir", str(out), "--mode", "ode", "--num-steps", "5",
+            "--device", "cpu", *extra]
+
+
+def test_same_npz_for_any_process_count_and_batch_size(files):
+    out = files["root"] / "determinism"
+    reference = load(run_inprocess(latent_args(files, out / "a", 4)))
+    assert reference.shape == (10, 16, 16, 3) and reference.dtype == np.uint8
+    assert len(np.unique(reference)) > 20  # the tiny VAE decodes to varied pixels, not a constant
+
+    other_batch = load(run_inprocess(latent_args(files, out / "b", 3)))
+    np.testing.assert_array_equal(other_batch, reference)
+
+    result = run_subprocess(latent_args(files, out / "c", 2), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = generate.sample_folder(generate.parse_args(latent_args(files, out / "c", 2)))
+    np.testing.assert_array_equal(load(folder), reference)
+    assert os.path.basename(folder) == "SiT-XL-2-enc8-latent-size-16-vae-tinyvae-cfg-2.0-seed-0-sde-"
+
+
+def test_restart_writes_only_missing_pngs_and_matches_unbroken_run(files, capsys):
+    out = files["root"] / "restart"
+    unbroken = load(run_inprocess(pixel_args(files, out / "full", 4)))
+
+    folder = run_inprocess(pixel_args(files, out / "killed", 4, "--max-batches", "2"))
+    assert not os.path.exists(folder + ".npz")
+    first = pngs(folder)
+    assert sorted(first) == [f"{i:06d}.png" for i in range(8)]
+    open(os.path.join(folder, ".tmp-123-000009.png"), "wb").write(b"trunc")  # a killed write
+
+    run_inprocess(pixel_args(files, out / "killed", 5))  # another batch size on restart
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(12)] + ["settings.json"]
+    assert {n: t for n, t in pngs(folder).items() if n in first} == first
+    np.testing.assert_array_equal(load(folder), unbroken)
+    first_all = pngs(folder)
+
+    # A deleted PNG is resampled alone; a complete npz is detected and left alone.
+    os.remove(os.path.join(folder, "000006.png"))
+    os.remove(folder + ".npz")
+    before = pngs(folder)
+    run_inprocess(pixel_args(files, out / "killed", 4))
+    after = pngs(folder)
+    assert {n: t for n, t in after.items() if n in before} == before and sorted(after) == sorted(first_all)
+    np.testing.assert_array_equal(load(folder), unbroken)
+    capsys.readouterr()
+    npz_mtime = os.stat(folder + ".npz").st_mtime_ns
+    run_inprocess(pixel_args(files, out / "killed", 4))
+    assert "already holds all 12 samples" in capsys.readouterr().out
+    assert os.stat(folder + ".npz").st_mtime_ns == npz_mtime
+
+
+def test_npz_format_and_cfg_one_equals_unguided_sampler(files):
+    out = files["root"] / "cfg"
+    images = load(run_inprocess(pixel_args(files, out, 5, "--cfg-scale", "1")))
+    assert images.shape == (12, 8, 8, 3) and images.dtype == np.uint8
+    assert images.min() == 0 and images.max() == 255 and len(np.unique(images)) > 200
+
+    # The same 12 samples by hand: per-index noise, labels from the global seed, plain Euler.
+    model = files["pixel"].eval()
+    z, _ = generate.sample_noise(range(12), (3, 8, 8), 0, 0, "cpu")
+    y = generate.sample_labels(12, 4, 0)
+    x = euler_sampler(model, z, y, num_steps=5, cfg_scale=1.0)
+    np.testing.assert_array_equal(images, generate.pixels_to_uint8(x).numpy())
+
+    # Guidance scale 3 outside its interval never runs the null label: the same images.
+    no_interval = load(run_inprocess(pixel_args(files, out, 5, "--cfg-scale", "3",
+                                                "--guidance-low", "1.5", "--guidance-high", "2")))
+    np.testing.assert_array_equal(no_interval, images)
+    guided = load(run_inprocess(pixel_args(files, out, 5, "--cfg-scale", "3", "--name_add", "guided")))
+    assert np.abs(guided.astype(int) - images).max() > 10
+
+
+def test_per_index_noise_and_labels():
+    z_all, eps_all = generate.sample_noise([0, 1, 2, 3], (4, 2, 2), 5, 7, "cpu")
+    z_two, eps_two = generate.sample_noise([3, 1], (4, 2, 2), 5, 7, "cpu")
+    assert eps_all.shape == (5, 4, 4, 2, 2)
+    torch.testing.assert_close(z_two, z_all[[3, 1]], rtol=0, atol=0)
+    torch.testing.assert_close(eps_two, eps_all[:, [3, 1]], rtol=0, atol=0)
+    assert not torch.equal(generate.sample_noise([0], (4,), 0, 8, "cpu")[0], z_all[:1, :, 0, 0])
+
+    labels = generate.sample_labels(60, 6, 0, balanced=True)
+    assert torch.bincount(labels, minlength=6).tolist() == [10] * 6
+    assert torch.equal(labels, generate.sample_labels(60, 6, 0, balanced=True))
+    assert not torch.equal(labels, generate.sample_labels(60, 6, 1, balanced=True))
+    uniform = generate.sample_labels(1000, 6, 0)
+    assert uniform.min() == 0 and uniform.max() == 5
+    with pytest.raises(generate.GenerateError, match="divisible"):
+        generate.sample_labels(61, 6, 0, balanced=True)
+
+
+def test_user_errors_give_one_line_and_exit_code_2(files):
+    out = str(files["root"] / "errors")
+    # The authors' checkpoint layout (no model_kwargs) loaded into a model of another size.
+    authors_style = str(files["root"] / "0400000.pt")
+    tiny_checkpoint(authors_style, PIXEL_KWARGS, with_model_kwargs=False)
+    result = run_subprocess(["--ckpt", authors_style, "--model", "SiT-S/8", "--vae", "none", "--resolution", "16",
+                             "--num-classes", "4", "--num-fid-samples", "2", "--sample_dir", out, "--device", "cpu"])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not fit this model" in lines[0] and "Traceback" not in result.stderr
+
+    with pytest.raises(generate.GenerateError, match="divisible"):
+        run_inprocess(pixel_args(files, out, 4, "--balanced-labels", "--num-fid-samples", "10"))
+    with pytest.raises(generate.GenerateError, match="--resolution 9 must be a multiple of 2"):
+        run_inprocess(pixel_args(files, out, 4, "--resolution", "9"))
+    with pytest.raises(generate.GenerateError, match="takes 8x8 inputs but --resolution 16"):
+        run_inprocess(pixel_args(files, out, 4, "--resolution", "16"))
+    run_inprocess(pixel_args(files, out, 4, "--num-fid-samples", "2", "--name_add", "settings"))
+    with pytest.raises(generate.GenerateError, match="other settings .--num-steps 5 there, 7 now"):
+        run_inprocess(pixel_args(files, out, 4, "--num-fid-samples", "2", "--name_add", "settings",
+                                 "--num-steps", "7"))
+    with pytest.raises(generate.GenerateError, match="contradicts the checkpoint"):
+        run_inprocess(pixel_args(files, out, 4, "--num-classes", "1000"))
+    for argv in (["--cfg-scale", "0.5", "--ckpt", "x.pt"], ["--cfg-scale", "1.5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            generate.parse_args(argv)
+        assert exit_info.value.code == 2
