@@ -38,14 +38,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from models import SiT, SiT_models
-from models.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_state_into
-from models.vae import VAEWeightsMissing, decode_to_uint8, downsample_factor, latent_channels, load_vae
+from models.checkpoint import (SIZE_KWARGS, CheckpointError, checkpoint_model_kwargs, extract_state_dict,
+                               load_checkpoint_file, load_state_into)
+from models.vae import (VAEWeightsMissing, decode_to_uint8, downsample_factor, latent_channels, load_vae,
+                        pixels_to_uint8)
 from samplers import euler_maruyama_sampler, euler_sampler
 
 # Key of the training args (``checkpoint["args"]``) holding the SiT constructor kwargs.
-MODEL_KWARGS_KEY = "model_kwargs"
 # Kwargs that fix a SiT's size; with all of them model_kwargs is a full SiT(...) call.
-SIZE_KWARGS = ("depth", "hidden_size", "num_heads", "patch_size")
 
 
 class GenerateError(RuntimeError):
@@ -113,16 +113,6 @@ def sample_folder(args):
     return os.path.join(args.sample_dir, name)
 
 
-def checkpoint_model_kwargs(checkpoint):
-    """SiT kwargs that our train.py stores as ``checkpoint["args"].model_kwargs`` (None if absent)."""
-    train_args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    if isinstance(train_args, dict):
-        kwargs = train_args.get(MODEL_KWARGS_KEY)
-    else:
-        kwargs = getattr(train_args, MODEL_KWARGS_KEY, None)
-    return dict(kwargs) if kwargs else None
-
-
 def resolve_model_flags(args, ckpt_kwargs):
     """Fill --num-classes and --qk-norm from the checkpoint's model kwargs (else the authors'
     defaults 1000 and off); a flag given explicitly must agree with the checkpoint."""
@@ -174,12 +164,6 @@ class Autocast(torch.nn.Module):
     def forward(self, x, t, y):
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
             return self.module(x, t, y)
-
-
-def pixels_to_uint8(x):
-    """[-1, 1] pixels (B, 3, H, W) -> uint8 (B, H, W, 3), rounding as vae.decode_to_uint8."""
-    x = torch.clamp(127.5 * x.float() + 128.0, 0, 255).floor()
-    return x.permute(0, 2, 3, 1).to(torch.uint8)
 
 
 #################################################################################
@@ -315,8 +299,8 @@ def sample_batch(model, indices, labels, args, shape, device):
     return euler_sampler(**kwargs)
 
 
+@torch.no_grad()
 def main(args):
-    torch.set_grad_enabled(False)
     folder = sample_folder(args)
     npz_path = f"{folder}.npz"
     check_folder_settings(folder, args)

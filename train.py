@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from loss import LSEPLoss
 from models import SiT, SiT_models
 from models.checkpoint import atomic_save, load_checkpoint_file
+from models.vae import (LATENT_DOWNSAMPLE, VAEWeightsMissing, decode_to_uint8, downsample_factor, latent_channels,
+                        load_vae, pixels_to_uint8, sample_posterior, uint8_to_pixels)
 from samplers import euler_sampler, unwrap_model
 import train_utils as tu
 from train_utils import TrainingDiverged, TrainingError
@@ -83,7 +85,6 @@ def data_geometry(args, dataset, vae):
             raise TrainingError(f"--resolution {args.resolution} does not match the {height}x{height} images in "
                                 f"{args.data_dir}; pass --resolution {height}")
         return channels, height
-    from models.vae import LATENT_DOWNSAMPLE, downsample_factor, latent_channels
     channels2, height, width = dataset.latent_shape
     if height != width:
         raise TrainingError(f"--data-dir latents are {width}x{height}; SiT needs square inputs")
@@ -100,7 +101,6 @@ def data_geometry(args, dataset, vae):
 
 def load_preview_vae(args, accelerator):
     """The decoder for preview grids, on the main process only; every process fails together."""
-    from models.vae import VAEWeightsMissing, load_vae
     vae, error = None, None
     if accelerator.is_main_process and args.vae != "none" and args.sampling_steps > 0:
         try:
@@ -160,9 +160,8 @@ def make_preview(ema, vae, noise, labels, args, accelerator):
         x = euler_sampler(ema, noise, labels, num_steps=PREVIEW_STEPS, cfg_scale=PREVIEW_CFG,
                           guidance_low=0.0, guidance_high=1.0, path_type=args.path_type, heun=False)
     x = x.float()
-    if vae is None:  # pixel space: the inverse of image / 127.5 - 1
-        return torch.clamp(127.5 * x + 128.0, 0, 255).floor().permute(0, 2, 3, 1).to(torch.uint8)
-    from models.vae import decode_to_uint8
+    if vae is None:  # pixel space
+        return pixels_to_uint8(x)
     return torch.cat([decode_to_uint8(vae, chunk) for chunk in x.split(16)])
 
 
@@ -304,9 +303,8 @@ def main(args):
                 x = moments.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 if args.vae == "none":
-                    x = x.float() / 127.5 - 1
+                    x = uint8_to_pixels(x)
                 else:
-                    from models.vae import sample_posterior
                     x = sample_posterior(x)
                 sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
                 with sync:

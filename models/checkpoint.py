@@ -13,7 +13,10 @@ import torch
 
 # Heads of other codebases that a SiT does not have (reported as ignored, not unexpected).
 IGNORED_PREFIXES = ("projectors.",)           # REPA's projection heads
+OPTIONAL_PREFIXES = ("classifier.",)          # the LSEP probe, absent from SiT / REPA weights
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
+MODEL_KWARGS_KEY = "model_kwargs"             # train.py stores SiT(...) kwargs as args.model_kwargs
+SIZE_KWARGS = ("depth", "hidden_size", "num_heads", "patch_size")
 
 
 class CheckpointError(RuntimeError):
@@ -40,13 +43,30 @@ def atomic_save(obj, path):
 def load_checkpoint_file(path):
     """torch.load on CPU with safe unpickling (argparse.Namespace allowed, as the authors store args)."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist; check --ckpt / --resume-step")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
+        # mmap: ranks that load the same file share its pages instead of each holding a copy
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated zip, not a torch file, ...
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
                               "it may be truncated or not a PyTorch checkpoint") from None
+
+
+def checkpoint_args(checkpoint, name, default=None):
+    """Flag ``name`` of the training run that wrote ``checkpoint`` (its ``args``, a Namespace
+    in ours and the authors', a dict in some others), or ``default``."""
+    train_args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if isinstance(train_args, dict):
+        return train_args.get(name, default)
+    return getattr(train_args, name, default)
+
+
+def checkpoint_model_kwargs(checkpoint):
+    """The SiT(...) kwargs our train.py stores as ``args.model_kwargs``, or None (the authors'
+    checkpoints do not have them; their size comes from --model)."""
+    kwargs = checkpoint_args(checkpoint, MODEL_KWARGS_KEY)
+    return dict(kwargs) if kwargs else None
 
 
 def extract_state_dict(checkpoint, which="ema"):
@@ -92,8 +112,10 @@ def _short(keys, limit=4):
 
 def load_state_into(model, state, source="checkpoint", strict=False):
     """Copy ``state`` into ``model``. A shape mismatch raises one line naming the key and the
-    expected and found shapes. Otherwise missing keys keep their init and extra keys are
-    dropped, both reported; ``strict`` demands the exact key set."""
+    expected and found shapes. By default only ``classifier.*`` may be missing (SiT / REPA
+    weights; kept at init) and only REPA's ``projectors.*`` may be extra (dropped), both
+    reported; any other missing or extra key means the checkpoint is of another model and
+    raises. ``strict`` demands the exact key set."""
     own = model.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
@@ -108,6 +130,9 @@ def load_state_into(model, state, source="checkpoint", strict=False):
     )
     if strict and (report.missing or report.unexpected or report.ignored):
         raise CheckpointError(f"{source} does not match the model by name: {report.summary()}")
+    if [k for k in report.missing if not k.startswith(OPTIONAL_PREFIXES)] or report.unexpected:
+        raise CheckpointError(f"{source} does not fit this model by name: {report.summary()}; "
+                              "check --model (and custom size flags)")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return report
 

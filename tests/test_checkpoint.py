@@ -113,10 +113,22 @@ def test_atomic_save_leaves_previous_file_on_crash(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary left behind
 
 
-def test_load_state_into_keeps_unmatched_init():
+def test_other_models_keys_are_refused_unless_optional():
     model = make()
-    before = model.classifier[0].weight.clone()
-    report = load_state_into(model, {"blocks.0.attn.qkv.bias": torch.ones(96), "extra.w": torch.ones(1)})
-    assert torch.equal(model.blocks[0].attn.qkv.bias, torch.ones(96))
-    assert torch.equal(model.classifier[0].weight, before)
-    assert report.unexpected == ["extra.w"]
+    state = make().state_dict()
+    deeper = dict(state, **{"blocks.2.attn.qkv.bias": torch.ones(96)})
+    with pytest.raises(CheckpointError, match="does not fit this model by name.*unexpected 1 keys"):
+        load_state_into(model, deeper)
+    shallower = {k: v for k, v in state.items() if not k.startswith("blocks.1.")}
+    with pytest.raises(CheckpointError, match="does not fit this model by name.*missing"):
+        load_state_into(model, shallower)
+
+
+def test_checkpoint_model_kwargs_from_namespace_or_dict():
+    from models.checkpoint import checkpoint_args, checkpoint_model_kwargs
+    kwargs = {"depth": 2, "hidden_size": 32}
+    assert checkpoint_model_kwargs({"args": argparse.Namespace(model_kwargs=kwargs)}) == kwargs
+    assert checkpoint_model_kwargs({"args": {"model_kwargs": kwargs}}) == kwargs
+    assert checkpoint_model_kwargs({"args": argparse.Namespace(model="SiT-XL/2")}) is None
+    assert checkpoint_model_kwargs({"ema": {}}) is None
+    assert checkpoint_args({"args": argparse.Namespace(num_classes=7)}, "num_classes") == 7
