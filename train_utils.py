@@ -187,8 +187,7 @@ class StepBatchSampler:
 @torch.no_grad()
 def update_ema(ema_params, model_params, decay):
     """ema <- decay * ema + (1 - decay) * model, over two equally ordered lists of tensors."""
-    torch._foreach_mul_(ema_params, decay)
-    torch._foreach_add_(ema_params, model_params, alpha=1.0 - decay)
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)  # one read-modify-write pass
 
 
 #################################################################################

@@ -143,7 +143,9 @@ def pool_tokens(tokens, window=None):
     rows = (pos[None] >= top[:, None]) & (pos[None] < (top + size)[:, None])
     cols = (pos[None] >= left[:, None]) & (pos[None] < (left + size)[:, None])
     mask = (rows[:, :, None] & cols[:, None, :]).reshape(batch, 1, num_tokens).float()
-    return torch.bmm(mask, tokens).squeeze(1) / (size * size).float()[:, None]
+    with torch.autocast(tokens.device.type, enabled=False):  # average in float32 under mixed precision
+        pooled = torch.bmm(mask, tokens).squeeze(1)
+    return pooled / (size * size).float()[:, None]
 
 
 #################################################################################

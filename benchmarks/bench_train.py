@@ -1,0 +1,486 @@
+"""Time one LSEP training step and report it as a fraction of the hardware's peak (MFU).
+
+A step is what train.py does per optimizer step on one device: forward with the probe branch
+(label dropout, crop), LSEPLoss (released recipe: ``steps`` weights 0.0225 -> 0.03, 10 bins),
+backward, gradient clipping at 1.0, AdamW step (classifier in its own param group), EMA update.
+Inputs are fixed random latents (no data loading, no VAE posterior sampling). Model FLOPs come
+from ``models.flops`` (3x forward, probe included), identical for every path, so MFU ratios are
+speed ratios.
+
+Paths:
+  ours       one batch of 2B through blocks 1..encoder_depth, vectorised crop, SDPA attention,
+             fused AdamW, one ``torch._foreach_lerp_`` for the EMA (``--compile`` compiles it).
+  reference  the authors' structure (benchmarks/reference_paths.py): probe as a second pass,
+             crop by a Python loop over the batch, manual attention, torch's default AdamW, an
+             EMA loop over parameters; always eager.
+
+Paths are timed interleaved (ABBA order over repetitions, medians) because other processes share
+the machine; CUDA is synchronised only around each timed group of steps.
+
+  python benchmarks/bench_train.py --model SiT-B/2 --compare                 # CUDA, batch 64, bf16
+  python benchmarks/bench_train.py --model SiT-XL/2 --levers                 # one lever at a time
+  python benchmarks/bench_train.py --device cpu --precision fp32 --batch-size 2 --compare
+
+Results are appended to ``benchmarks/results/train_<device>.json`` (``--results-dir``).
+"""
+import argparse
+import ctypes
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from benchmarks.reference_paths import ReferenceForward, attention_kind, loop_ema_update  # noqa: E402
+from loss import LSEPLoss  # noqa: E402
+from models import SiT_models  # noqa: E402
+from models.flops import SiTFlopsConfig, mfu, peak_flops, train_step_flops  # noqa: E402
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+LEVERS = ("probe", "crop", "attention", "precision", "compile", "optimizer", "ema")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run the training step."""
+    name: str
+    probe: str = "one-batch"      # one-batch | two-pass
+    crop: str = "vectorised"      # vectorised | loop (two-pass only; one-batch is always vectorised)
+    attention: str = "sdpa"       # sdpa | manual
+    precision: str = "bf16"       # bf16 | fp16 | fp32
+    compile: bool = False
+    optimizer: str = "fused"      # fused | foreach | for-loop | default (torch picks)
+    ema: str = "foreach-lerp"     # foreach-lerp | foreach-mul-add | loop
+
+
+def ours_and_reference(args):
+    ours = Variant("ours", precision=args.precision, compile=args.compile)
+    reference = Variant("reference", probe="two-pass", crop="loop", attention="manual",
+                        precision=args.precision, compile=False, optimizer="default", ema="loop")
+    return ours, reference
+
+
+def lever_variants(base, names):
+    """(lever, variant) pairs, each flipping one setting of ``base``."""
+    out = []
+    if "probe" in names:
+        out.append(("probe", replace(base, name="two-pass probe", probe="two-pass")))
+    if "crop" in names:
+        out.append(("crop", replace(base, name="two-pass probe + loop crop", probe="two-pass", crop="loop")))
+    if "attention" in names:
+        flip = "manual" if base.attention == "sdpa" else "sdpa"
+        out.append(("attention", replace(base, name=f"{flip} attention", attention=flip)))
+    if "precision" in names:
+        flip = "fp32" if base.precision != "fp32" else "bf16"
+        out.append(("precision", replace(base, name=f"{flip}", precision=flip)))
+    if "compile" in names:
+        out.append(("compile", replace(base, name="eager" if base.compile else "compile", compile=not base.compile)))
+    if "optimizer" in names:
+        for kind in ("fused", "foreach", "for-loop"):
+            if kind != base.optimizer:
+                out.append(("optimizer", replace(base, name=f"{kind} AdamW", optimizer=kind)))
+    if "ema" in names:
+        for kind in ("foreach-lerp", "foreach-mul-add", "loop"):
+            if kind != base.ema:
+                out.append(("ema", replace(base, name=f"{kind} EMA", ema=kind)))
+    return out
+
+
+#################################################################################
+#                                 The training step                             #
+#################################################################################
+
+def make_optimizer(model, kind, lr=1e-4, lr_class=1e-4):
+    """AdamW as in the recipe (classifier in its own group, no weight decay), implementation ``kind``."""
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("classifier.")]
+    groups = [dict(params=backbone, lr=lr), dict(params=list(model.classifier.parameters()), lr=lr_class)]
+    impl = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False), "default": {}}
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **impl[kind])
+
+
+class StepRunner:
+    """Holds one variant's forward, optimizer and scaler; ``step`` runs one training step."""
+
+    def __init__(self, variant, model, ema_params, loss_fn, device, clip_grad=1.0, decay=0.9999):
+        self.variant, self.model, self.loss_fn, self.device = variant, model, loss_fn, device
+        self.clip_grad, self.decay = clip_grad, decay
+        if variant.probe == "one-batch":
+            forward = model
+        else:
+            forward = ReferenceForward(model, attention=variant.attention, crop=variant.crop)
+        self.forward = torch.compile(forward) if variant.compile else forward
+        self.optimizer = make_optimizer(model, variant.optimizer)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=variant.precision == "fp16")
+        self.params = [p for p in model.parameters()]
+        self.trainable = [p for p in self.params if p.requires_grad]
+        self.param_values = [p.detach() for p in self.params]
+        self.ema_params = ema_params
+
+    def update_ema(self):
+        kind, decay = self.variant.ema, self.decay
+        with torch.no_grad():
+            if kind == "foreach-lerp":  # ema += (1 - decay) (p - ema): one kernel family, one pass
+                torch._foreach_lerp_(self.ema_params, self.param_values, 1.0 - decay)
+            elif kind == "foreach-mul-add":
+                torch._foreach_mul_(self.ema_params, decay)
+                torch._foreach_add_(self.ema_params, self.param_values, alpha=1.0 - decay)
+            else:
+                loop_ema_update(self.ema_params, self.param_values, decay)
+
+    def step(self, x, y):
+        v = self.variant
+        dtype = AMP_DTYPES[v.precision]
+        with attention_kind(self.model, fused=v.attention == "sdpa"), \
+                torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            denoising, probe_loss, _ = self.loss_fn(self.forward, x, dict(y=y))
+            loss = denoising.mean() + probe_loss
+        self.scaler.scale(loss).backward()
+        if self.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.update_ema()
+
+
+#################################################################################
+#                             Timing and memory                                 #
+#################################################################################
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_status_kib(field):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim():
+    """Hand freed heap pages back to the OS so RSS counts live memory, not glibc's cache."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_memory(device):
+    """CUDA: reset the allocator's peak. CPU: trim the heap, reset the peak RSS (VmHWM) if allowed."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    _malloc_trim()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return (_proc_status_kib("VmRSS") or 0) * 1024
+
+
+def peak_memory(device, baseline):
+    """CUDA: peak allocated bytes. CPU: peak RSS minus the RSS before the timed steps."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    hwm = _proc_status_kib("VmHWM")
+    return None if hwm is None else max(0, hwm * 1024 - baseline)
+
+
+def is_oom(error):
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def time_interleaved(runners, x, y, device, warmup, reps, steps_per_rep):
+    """Median seconds per step and peak memory of each runner, timed in ABBA order.
+
+    A runner that runs out of memory is reported as "OOM" and dropped; the others go on.
+    """
+    stats = {r.variant.name: dict(times=[], memory=0, error=None) for r in runners}
+    live = list(runners)
+
+    def run(runner, steps):
+        try:
+            for _ in range(steps):
+                runner.step(x, y)
+            synchronize(device)
+            return True
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not is_oom(error):
+                raise
+        # Out of memory: free this runner's state outside the except block (its traceback held tensors).
+        stats[runner.variant.name]["error"] = "OOM"
+        live.remove(runner)
+        runner.optimizer.zero_grad(set_to_none=True)
+        runner.optimizer.state.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return False
+
+    for runner in list(live):
+        t0 = time.perf_counter()
+        if run(runner, warmup):
+            stats[runner.variant.name]["warmup_s"] = time.perf_counter() - t0
+    for rep in range(reps):
+        for runner in (list(live) if rep % 2 == 0 else live[::-1]):
+            synchronize(device)
+            baseline = reset_peak_memory(device)
+            t0 = time.perf_counter()
+            if not run(runner, steps_per_rep):
+                continue
+            stats[runner.variant.name]["times"].append((time.perf_counter() - t0) / steps_per_rep)
+            mem = peak_memory(device, baseline)
+            if mem is not None:
+                stats[runner.variant.name]["memory"] = max(stats[runner.variant.name]["memory"], mem)
+    return stats
+
+
+def summarise(variant, stat, batch, flops_per_step, peak):
+    times = stat["times"]
+    row = dict(name=variant.name, variant=asdict(variant), error=stat["error"], warmup_s=stat.get("warmup_s"))
+    if not times:
+        return row
+    median = statistics.median(times)
+    row.update(
+        step_ms=1e3 * median, step_ms_min=1e3 * min(times), step_ms_max=1e3 * max(times), reps=len(times),
+        samples_per_s=batch / median, tflops_per_s=flops_per_step / median / 1e12,
+        mfu=mfu(flops_per_step, median, peak), peak_memory_bytes=stat["memory"],
+        times_ms=[round(1e3 * t, 3) for t in times],
+    )
+    return row
+
+
+#################################################################################
+#                                   Reporting                                   #
+#################################################################################
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def format_row(row, memory_label):
+    if "step_ms" not in row:
+        return f"{row['name']:<30} {row['error'] or 'no result'}"
+    mfu_text = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+    mem = row["peak_memory_bytes"]
+    mem_text = "n/a" if not mem else f"{mem / 2**30:.2f} GiB"
+    return (f"{row['name']:<30} {row['step_ms']:>9.1f} ({row['step_ms_min']:.1f}-{row['step_ms_max']:.1f})"
+            f" {row['samples_per_s']:>9.2f} {row['tflops_per_s']:>8.3f} {mfu_text:>6} {mem_text:>10} {memory_label}")
+
+
+def print_table(title, rows, memory_label):
+    print(f"\n{title}")
+    print(f"{'path':<30} {'step ms (min-max)':>24} {'samples/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'memory':>10}")
+    for row in rows:
+        print(format_row(row, memory_label))
+
+
+def speed_ratio(fast, slow):
+    """Median over repetitions of slow / fast step time, each pair timed back to back (>1: ``fast``
+    is faster); pairing cancels most of the load drift of a shared machine. None if one failed."""
+    if "times_ms" in fast and "times_ms" in slow:
+        return statistics.median(s / f for f, s in zip(fast["times_ms"], slow["times_ms"]))
+    return None
+
+
+def append_json(path, record):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    runs = []
+    if os.path.exists(path):
+        with open(path) as f:
+            try:
+                runs = json.load(f)
+            except json.JSONDecodeError:
+                runs = []
+    runs.append(record)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(runs, f, indent=1)
+    os.replace(tmp, path)
+
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", default=None, choices=sorted(SiT_models), metavar="MODEL",
+                   help="one or more SiT configs (default: SiT-B/2 SiT-XL/2 on CUDA, SiT-B/2 on CPU)")
+    p.add_argument("--resolution", type=int, default=256, help="image pixels; the latent side is resolution / 8")
+    p.add_argument("--batch-size", type=int, default=None, help="per device (default: 64 on CUDA, 4 on CPU)")
+    p.add_argument("--precision", default=None, choices=sorted(AMP_DTYPES),
+                   help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls for fp32 (the recipe's --allow-tf32); sets the fp32 peak used for MFU")
+    p.add_argument("--compile", action="store_true", help="torch.compile our path (the reference stays eager)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compare", action="store_true", help="also time the reference path, interleaved")
+    p.add_argument("--levers", nargs="?", const="all", default=None,
+                   help=f"time one change at a time against ours: 'all' or a comma list of {','.join(LEVERS)} "
+                        "(on CPU, 'all' leaves out compile)")
+    p.add_argument("--encoder-depth", type=int, default=8)
+    p.add_argument("--crop-start", type=int, default=12, help="probe crop window sides in [crop-start, grid]")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per path (default 3 CUDA, 1 CPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per path (default 5 CUDA, 3 CPU)")
+    p.add_argument("--steps-per-rep", type=int, default=None, help="steps per repetition (default 5 CUDA, 1 CPU)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="override the device's dense peak, TFLOP/s")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (torch.set_num_threads); use 1 on a shared machine, where OpenMP threads "
+                        "that wait on descheduled peers make 2-thread steps many times slower")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.model = args.model or (["SiT-B/2", "SiT-XL/2"] if cuda else ["SiT-B/2"])
+    args.batch_size = args.batch_size or (64 if cuda else 4)
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    args.warmup = 3 if args.warmup is None and cuda else (1 if args.warmup is None else args.warmup)
+    args.reps = args.reps or (5 if cuda else 3)
+    args.steps_per_rep = args.steps_per_rep or (5 if cuda else 1)
+    if args.levers is not None:
+        names = LEVERS if args.levers == "all" else tuple(s.strip() for s in args.levers.split(","))
+        unknown = set(names) - set(LEVERS)
+        if unknown:
+            p.error(f"--levers: unknown {sorted(unknown)}; choose from {','.join(LEVERS)}")
+        if args.levers == "all" and not cuda:
+            names = tuple(n for n in names if n != "compile")  # inductor on 2 CPU cores takes minutes
+        args.lever_names = names
+    if args.resolution % 8:
+        p.error(f"--resolution {args.resolution} must be a multiple of 8 (the VAE's downsampling)")
+    return args
+
+
+def main(argv=None):
+    """Benchmark every --model; returns the list of JSON records written."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+        torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    command = " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]) if argv is None \
+        else " ".join(["benchmarks/bench_train.py"] + list(argv))
+    records = []
+    for model_name in args.model:
+        records.append(bench_model(args, model_name, device, command))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records
+
+
+def bench_model(args, model_name, device, command):
+    """Time ours (and the reference / the levers) for one config; append the record to the JSON."""
+    torch.manual_seed(args.seed)
+
+    latent = args.resolution // 8
+    with torch.device(device):
+        model = SiT_models[model_name](
+            input_size=latent, num_classes=args.num_classes, encoder_depth=args.encoder_depth,
+            crop_start=args.crop_start, class_dropout_prob=0.1, uncond_prob=0.9,
+        ).train()
+    ema_params = [p.detach().clone() for p in model.parameters()]
+    loss_fn = LSEPLoss(weights_type="steps", weight_start=0.0225, weight_end=0.03, n_weights=10)
+    x = torch.randn(args.batch_size, model.in_channels, latent, latent, device=device)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+
+    name = device_name(device)
+    cfg = SiTFlopsConfig.from_model(model)
+    flops_per_step = train_step_flops(cfg, args.batch_size, probe=True)
+    peak = None
+    if args.peak_tflops:
+        peak = args.peak_tflops * 1e12
+    elif device.type == "cuda":
+        peak = peak_flops(name, args.precision, tf32=args.allow_tf32)
+    memory_label = "peak alloc" if device.type == "cuda" else "RSS delta"
+    timing = dict(warmup=args.warmup, reps=args.reps, steps_per_rep=args.steps_per_rep)
+    print(f"\n{model_name} {args.resolution}px batch {args.batch_size} {args.precision} compile={args.compile} "
+          f"on {name}; torch {torch.__version__}; {flops_per_step / 1e12:.3f} TFLOP per step "
+          f"({flops_per_step / args.batch_size / 1e9:.1f} GFLOP per sample); peak "
+          f"{'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}; {timing}")
+
+    def runner(variant):
+        return StepRunner(variant, model, ema_params, loss_fn, device)
+
+    ours, reference = ours_and_reference(args)
+    runners = [runner(ours)] + ([runner(reference)] if args.compare else [])
+    stats = time_interleaved(runners, x, y, device, **timing)
+    rows = [summarise(r.variant, stats[r.variant.name], args.batch_size, flops_per_step, peak) for r in runners]
+    print_table("Training step", rows, memory_label)
+    ratio = speed_ratio(rows[0], rows[1]) if args.compare else None
+    if ratio is not None:
+        print(f"ours vs reference: {ratio:.3f}x the reference's speed (median of paired reference/ours step "
+              f"times; ratio of medians {rows[1]['step_ms'] / rows[0]['step_ms']:.3f})")
+
+    levers = []
+    if args.levers is not None:
+        base = runners[0]
+        for lever, variant in lever_variants(ours, args.lever_names):
+            other = runner(variant)
+            lever_stats = time_interleaved([base, other], x, y, device, **timing)
+            base_row, row = (summarise(r.variant, lever_stats[r.variant.name], args.batch_size, flops_per_step, peak)
+                             for r in (base, other))
+            paired = speed_ratio(base_row, row)
+            delta = None if paired is None else paired - 1
+            levers.append(dict(lever=lever, baseline=base_row, variant=row, step_time_delta=delta))
+            del other
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print("\nLevers (one change against ours; delta = median paired change in step time, + is slower)")
+        print(f"{'lever':<10} {'variant':<30} {'ours ms':>9} {'variant ms':>10} {'delta':>8}")
+        for item in levers:
+            b, v = item["baseline"], item["variant"]
+            delta = "OOM" if v.get("error") else f"{100 * item['step_time_delta']:+.1f}%"
+            print(f"{item['lever']:<10} {v['name']:<30} {b.get('step_ms', float('nan')):>9.1f} "
+                  f"{v.get('step_ms', float('nan')):>10.1f} {delta:>8}")
+
+    slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    path = os.path.join(args.results_dir, f"train_{slug}.json")
+    record = dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        command=command,
+        torch=torch.__version__, cuda=torch.version.cuda, device=name, device_type=device.type,
+        threads=torch.get_num_threads(), model=model_name, resolution=args.resolution,
+        batch_size=args.batch_size, precision=args.precision, compile=args.compile, allow_tf32=args.allow_tf32,
+        timing=timing, flops_per_step=flops_per_step, flops_per_sample=flops_per_step / args.batch_size,
+        peak_flops=peak, memory=memory_label, paths=rows, ours_speedup_vs_reference=ratio, levers=levers,
+    )
+    append_json(path, record)
+    print(f"\nappended to {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
