@@ -226,21 +226,23 @@ def main(args):
         model = SiT(**model_kwargs)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
+    model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     classifier_params = list(model.classifier.parameters())
     other_params = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
     optimizer = torch.optim.AdamW(
         [{"params": other_params, "weight_decay": args.adam_weight_decay},
          {"params": classifier_params, "lr": args.learning_rate_class, "weight_decay": args.adam_weight_decay_class}],
-        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        fused=device.type == "cuda")  # one kernel for all parameters on GPUs
     loss_fn = LSEPLoss(prediction=args.prediction, path_type=args.path_type, weighting=args.weighting,
                        weights_type=args.weights_type, weight_class=args.weight_class,
                        weight_start=args.weight_start, weight_end=args.weight_end, n_weights=args.n_weights)
 
     step, samples_seen, nonfinite = 0, 0, {"consecutive": 0, "total": 0}
-    model = model.to(device)
-    ema = ema.to(device)
     model, optimizer = accelerator.prepare(model, optimizer)  # never the dataloader: we shard it ourselves
+    if args.compile:  # the training forward + loss trace as one graph (tests/test_perf_paths.py)
+        model = torch.compile(model, backend=args.compile_backend)
     scaler = accelerator.scaler
     if resume_path is not None:
         checkpoint = load_checkpoint_file(resume_path)
@@ -429,6 +431,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--encoder-depth", type=int, default=8)
     parser.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile the model (first steps are slow while it compiles)")
+    parser.add_argument("--compile-backend", type=str, default="inductor", help=argparse.SUPPRESS)
     parser.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--uncond-prob", type=float, default=0.9, help="null-label probability of the probe branch")
     parser.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,

@@ -349,3 +349,12 @@ def test_baseline_switch_trains_without_probe(latent_dir, tmp_path):
     init = SiT(**checkpoint["args"].model_kwargs).state_dict()
     assert torch.equal(checkpoint["model"]["classifier.1.weight"], init["classifier.1.weight"])
     assert not torch.equal(checkpoint["model"]["final_layer.linear.weight"], init["final_layer.linear.weight"])
+
+
+def test_compile_flag_traces_the_training_step(latent_dir, tmp_path):
+    # dynamo with the eager backend: the real graph capture without inductor's minutes of CPU compilation
+    run(*tiny_argv(latent_dir, tmp_path, "eager", "--max-train-steps", 2))
+    run(*tiny_argv(latent_dir, tmp_path, "compiled", "--max-train-steps", 2, "--compile", "--compile-backend", "eager"))
+    eager, compiled = ckpt(tmp_path, "eager", 2), ckpt(tmp_path, "compiled", 2)
+    assert_states_equal(eager["model"], compiled["model"], exact=False, atol=1e-6)
+    assert set(compiled["model"]) == set(eager["model"])  # no _orig_mod. / module. prefixes
