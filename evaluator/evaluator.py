@@ -1,0 +1,401 @@
+#!/usr/bin/env python
+"""ADM's evaluation suite without TensorFlow: Inception Score, FID, sFID, precision, recall.
+
+    python evaluator/evaluator.py VIRTUAL_imagenet256_labeled.npz samples.npz
+    torchrun --nproc_per_node=8 evaluator/evaluator.py REF.npz SAMPLE.npz   # data parallel
+
+Prints the five numbers as openai/guided-diffusion's `evaluations/evaluator.py` does and
+writes them next to the sample file (SAMPLE.metrics.json, SAMPLE.metrics.txt). Both npz
+files hold `arr_0`: uint8 images (N, H, W, 3); the reference's precomputed `mu`, `sigma`,
+`mu_s`, `sigma_s` are used when present. Reference activations are cached next to the
+reference (REF.inception-cache.npz). LSEP spec section 7.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import zipfile
+
+if __package__ in (None, ""):  # run as a file (from the repo root or from evaluator/): import the package
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from evaluator import EvaluatorError
+from evaluator import inception as inc
+from evaluator import metrics
+
+CACHE_VERSION = 1
+MIN_IMAGES = metrics.PR_NEIGHBOURHOOD + 1  # k-NN radii need k other points; covariances need 2
+STATS_KEYS = {"mu": (inc.POOL_DIM,), "sigma": (inc.POOL_DIM, inc.POOL_DIM),
+              "mu_s": (inc.SPATIAL_DIM,), "sigma_s": (inc.SPATIAL_DIM, inc.SPATIAL_DIM)}
+FIX_NPZ = "save images as np.savez(path, images) with images a uint8 array of shape (N, H, W, 3) in [0, 255]"
+
+
+class NpzFormatError(EvaluatorError):
+    """An input npz is missing, is not an npz, or its arr_0 is not uint8 (N, H, W, 3) images."""
+
+
+# ----------------------------------------------------------------------------
+# Reading arr_0 of an npz in chunks
+# ----------------------------------------------------------------------------
+
+class NpzImages:
+    """Row-sliceable view of an npz's `arr_0` (uint8 NHWC) that never loads the whole array.
+
+    np.savez stores members uncompressed: those are memory-mapped at their offset inside the
+    zip (random access, any rank can read its shard). Compressed members (np.savez_compressed)
+    are decompressed as a forward stream instead: same numbers, slower, sequential.
+    """
+
+    def __init__(self, path, key="arr_0"):
+        self.path = path
+        if not os.path.isfile(path):
+            raise NpzFormatError(f"{path}: no such file ({FIX_NPZ}).")
+        try:
+            self._zip = zipfile.ZipFile(path)
+        except zipfile.BadZipFile:
+            raise NpzFormatError(f"{path}: not an .npz file (not a zip archive); {FIX_NPZ}.") from None
+        names = self._zip.namelist()
+        member = f"{key}.npy"
+        if member not in names:
+            self._zip.close()
+            keys = sorted(n[:-4] for n in names if n.endswith(".npy"))
+            raise NpzFormatError(f"{path}: no '{key}' array (it has {keys}); {FIX_NPZ}.")
+        self._info = self._zip.getinfo(member)
+        self.compressed = self._info.compress_type != zipfile.ZIP_STORED
+        with self._zip.open(member) as f:
+            shape, fortran, dtype = self._read_header(f)
+            header_len = f.tell()
+        if dtype != np.uint8:
+            raise NpzFormatError(f"{path}: {key} has dtype {dtype}, expected uint8 in [0, 255]; "
+                                 f"convert with np.clip(np.round(x), 0, 255).astype(np.uint8) (x in [0, 255]).")
+        if len(shape) != 4 or shape[3] != 3:
+            hint = " (channels first? use x.transpose(0, 2, 3, 1))" if len(shape) == 4 and shape[1] == 3 else ""
+            raise NpzFormatError(f"{path}: {key} has shape {shape}, expected (N, H, W, 3){hint}; {FIX_NPZ}.")
+        if shape[0] == 0:
+            raise NpzFormatError(f"{path}: {key} holds no images; {FIX_NPZ}.")
+        self.shape = tuple(int(s) for s in shape)
+        self._row_bytes = int(np.prod(self.shape[1:]))
+        self._array = None
+        self._stream = None
+        self._pos = 0
+        if fortran:  # rare (np.asfortranarray); no row-contiguous layout to stream
+            self._array = np.load(path)[key]
+        elif not self.compressed:
+            offset = self._data_offset() + header_len
+            if os.path.getsize(path) < offset + len(self) * self._row_bytes:
+                raise NpzFormatError(f"{path}: arr_0 is shorter than its header says (truncated file?); {FIX_NPZ}.")
+            self._array = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=self.shape)
+
+    def _read_header(self, f):
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                return np.lib.format.read_array_header_1_0(f)
+            if version == (2, 0):
+                return np.lib.format.read_array_header_2_0(f)
+        except ValueError as exc:
+            raise NpzFormatError(f"{self.path}: unreadable arr_0 header ({exc}); {FIX_NPZ}.") from None
+        raise NpzFormatError(f"{self.path}: unsupported .npy format version {version}; {FIX_NPZ}.")
+
+    def _data_offset(self):
+        """Byte offset of the member's data: the zip local header is 30 bytes + name + extra field."""
+        with open(self.path, "rb") as f:
+            f.seek(self._info.header_offset)
+            local = f.read(30)
+        name_len = int.from_bytes(local[26:28], "little")
+        extra_len = int.from_bytes(local[28:30], "little")
+        return self._info.header_offset + 30 + name_len + extra_len
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("NpzImages supports row slices images[a:b] only")
+        start, stop, _ = index.indices(len(self))
+        if self._array is not None:
+            return np.array(self._array[start:stop])  # the copy is the disk read; torch wants writable memory
+        return self._read_stream(start, max(stop - start, 0))
+
+    def _read_stream(self, start, count):
+        if self._stream is None or start < self._pos:
+            if self._stream is not None:
+                self._stream.close()
+            self._stream = self._zip.open(self._info)
+            self._read_header(self._stream)
+            self._pos = 0
+        while self._pos < start:  # skip forward by decompressing
+            skip = min(start - self._pos, max(1, (64 << 20) // self._row_bytes))
+            self._read_exact(skip * self._row_bytes)
+            self._pos += skip
+        data = self._read_exact(count * self._row_bytes)
+        self._pos += count
+        return np.frombuffer(data, dtype=np.uint8).reshape((count,) + self.shape[1:])
+
+    def _read_exact(self, size):
+        buf = bytearray()
+        while len(buf) < size:
+            chunk = self._stream.read(size - len(buf))
+            if not chunk:
+                raise NpzFormatError(f"{self.path}: arr_0 ends early (truncated file?); {FIX_NPZ}.")
+            buf += chunk
+        return buf
+
+    def close(self):
+        if self._stream is not None:
+            self._stream.close()
+        self._array = None
+        self._zip.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load_precomputed_stats(path):
+    """ADM's precomputed mu / sigma / mu_s / sigma_s of an npz, or None if it has none."""
+    with np.load(path) as npz:
+        if "mu" not in npz.files:
+            return None
+        missing = [k for k in STATS_KEYS if k not in npz.files]
+        if missing:
+            raise NpzFormatError(f"{path}: has 'mu' but not {missing}; ADM reference batches carry "
+                                 f"mu, sigma, mu_s and sigma_s together (remove 'mu' to compute them).")
+        stats = {k: npz[k].astype(np.float64) for k in STATS_KEYS}
+    for key, shape in STATS_KEYS.items():
+        if stats[key].shape != shape:
+            raise NpzFormatError(f"{path}: {key} has shape {stats[key].shape}, expected {shape} "
+                                 f"(statistics of the 2015-12-05 Inception-v3 features).")
+    return stats
+
+
+# ----------------------------------------------------------------------------
+# Reference activation cache
+# ----------------------------------------------------------------------------
+
+def cache_path(ref_path):
+    root = ref_path[:-4] if ref_path.endswith(".npz") else ref_path
+    return root + ".inception-cache.npz"
+
+
+def cache_key(ref_path, weights_id):
+    """Hash of what the activations depend on: the weights, the reference file's size and mtime."""
+    st = os.stat(ref_path)
+    blob = json.dumps([CACHE_VERSION, weights_id, st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def weights_id(backend, weights_path):
+    if backend == "tf":
+        return ["tf", os.path.basename(weights_path)]
+    return ["torch", os.path.basename(weights_path), os.path.getsize(weights_path)]
+
+
+def load_cache(path, key):
+    """(pool, spatial) from the cache if it exists and matches key, else None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path) as npz:
+            if str(npz["key"]) != key:
+                return None
+            return npz["pool"], npz["spatial"]
+    except Exception:  # a damaged cache is recomputed, not fatal
+        return None
+
+
+def atomic_write_bytes(path, write):
+    """Call write(file) on a temporary file next to path, then move it in place."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_cache(path, key, pool, spatial):
+    atomic_write_bytes(path, lambda f: np.savez(f, key=np.array(key), pool=pool, spatial=spatial))
+
+
+# ----------------------------------------------------------------------------
+# Distributed helpers (torchrun): each rank takes a contiguous shard
+# ----------------------------------------------------------------------------
+
+def shard_bounds(n, rank, world):
+    return n * rank // world, n * (rank + 1) // world
+
+
+def gather_rows(local, n, world, device):
+    """Concatenate every rank's (rows, D) shard, in rank order, on every rank."""
+    if world == 1:
+        return local
+    sizes = [shard_bounds(n, r, world)[1] - shard_bounds(n, r, world)[0] for r in range(world)]
+    padded = torch.zeros((max(sizes), local.shape[1]), dtype=torch.float32, device=device)
+    padded[:len(local)] = torch.from_numpy(local).to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return np.concatenate([p[:s].cpu().numpy() for p, s in zip(parts, sizes)])
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------
+
+def _activations(images, model, keys, batch_size, rank, world, comm_device, progress, desc):
+    lo, hi = shard_bounds(len(images), rank, world)
+    local = inc.extract_features(model, images, batch_size, lo, hi, keys, progress and rank == 0, desc)
+    return {k: gather_rows(local[k], len(images), world, comm_device) for k in keys}
+
+
+def evaluate(ref_path, sample_path, inception_weights=None, batch_size=128, device="auto", backend="torch",
+             tf_graph=None, use_cache=True, progress=True, log=print):
+    """All five metrics of sample_path against ref_path; a dict on rank 0, None on other ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    comm_device = device if device.startswith("cuda") else "cpu"
+    say = log if rank == 0 else (lambda *a, **k: None)
+
+    ref_images, sample_images = NpzImages(ref_path), NpzImages(sample_path)
+    for imgs in (ref_images, sample_images):
+        if len(imgs) < MIN_IMAGES:
+            raise NpzFormatError(f"{imgs.path}: {len(imgs)} images; precision/recall with k="
+                                 f"{metrics.PR_NEIGHBOURHOOD} needs at least {MIN_IMAGES}.")
+        if imgs.compressed and rank == 0:
+            say(f"note: {imgs.path} is compressed (np.savez_compressed); streaming it sequentially, "
+                f"which is slower than an np.savez file")
+    ref_stats, sample_stats = load_precomputed_stats(ref_path), load_precomputed_stats(sample_path)
+
+    if backend == "tf":
+        graph = tf_graph or os.path.join(os.path.dirname(os.path.abspath(__file__)), inc.TF_GRAPH_FILE)
+        model, weights = inc.TFInceptionFeatures(graph), graph
+    else:
+        weights = inc.resolve_weights(inception_weights)
+        if device.startswith("cuda"):  # the TF graph ran in full fp32: no TF32 in convolutions or matmuls
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        model = inc.InceptionV3Features(weights, device=device)
+    say(f"inception: {backend} backend, weights {weights}, device {device}, world size {world}")
+
+    # Reference activations: from the cache when it matches, else computed (and cached by rank 0).
+    cache, key = cache_path(ref_path), cache_key(ref_path, weights_id(backend, weights))
+    ref = load_cache(cache, key) if rank == 0 and use_cache else None
+    hit = [ref is not None]
+    if world > 1:
+        dist.broadcast_object_list(hit, src=0)
+    if hit[0]:
+        say(f"loaded reference activations from cache {cache}")
+    else:
+        say("computing reference batch activations...")
+        ref = _activations(ref_images, model, ("pool", "spatial"), batch_size, rank, world, comm_device,
+                           progress, "reference")
+        ref = (ref["pool"], ref["spatial"])
+        if rank == 0 and use_cache:
+            try:
+                save_cache(cache, key, *ref)
+                say(f"wrote reference activation cache {cache}")
+            except OSError as exc:
+                say(f"warning: could not write the reference cache {cache} ({exc}); continuing without it")
+
+    say("computing sample batch activations...")
+    smp = _activations(sample_images, model, ("pool", "logits", "spatial"), batch_size, rank, world, comm_device,
+                       progress, "samples")
+    ref_images.close()
+    sample_images.close()
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return None
+
+    if ref_stats is not None:
+        say(f"using precomputed mu/sigma/mu_s/sigma_s of {ref_path}")
+    say("computing evaluations...")
+    results = metrics.compute_all(
+        ref[0], ref[1], smp["pool"], smp["spatial"], metrics.softmax(smp["logits"]),
+        ref_stats=ref_stats, sample_stats=sample_stats, device=comm_device,
+    )
+    results.update(ref_batch=os.path.abspath(ref_path), sample_batch=os.path.abspath(sample_path),
+                   num_ref=len(ref[0]), num_samples=len(smp["pool"]), backend=backend,
+                   inception_weights=os.path.abspath(weights),
+                   ref_statistics="precomputed" if ref_stats is not None else "computed")
+    return results
+
+
+LABELS = [("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"),
+          ("precision", "Precision"), ("recall", "Recall")]
+
+
+def format_results(results):
+    return "\n".join(f"{label}: {results[key]}" for key, label in LABELS)
+
+
+def write_results(sample_path, results):
+    """SAMPLE.metrics.json and SAMPLE.metrics.txt next to the sample npz, each written atomically."""
+    root = sample_path[:-4] if sample_path.endswith(".npz") else sample_path
+    json_path, txt_path = root + ".metrics.json", root + ".metrics.txt"
+    text = (f"ref_batch: {results['ref_batch']}\nsample_batch: {results['sample_batch']}\n"
+            f"{format_results(results)}\n")
+    atomic_write_bytes(json_path, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
+    atomic_write_bytes(txt_path, lambda f: f.write(text.encode()))
+    return json_path, txt_path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ref_batch", help="reference batch npz (arr_0 uint8 NHWC images, optional mu/sigma/mu_s/sigma_s)")
+    parser.add_argument("sample_batch", help="sample batch npz (arr_0 uint8 NHWC images)")
+    parser.add_argument("--inception-weights", default=None,
+                        help=f"local {inc.WEIGHTS_FILE} (default: torch.hub cache, else download)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per Inception forward, per process")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    parser.add_argument("--backend", choices=["torch", "tf"], default="torch",
+                        help="torch: torch-fidelity's port (default); tf: ADM's graph (needs tensorflow)")
+    parser.add_argument("--tf-graph", default=None, help=f"{inc.TF_GRAPH_FILE} for --backend tf")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write REF.inception-cache.npz")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.device not in ("auto", "cuda", "cpu"):
+        parser.error(f"--device must be auto, cuda or cpu, got {args.device}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no GPU; use --device cpu")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        results = evaluate(args.ref_batch, args.sample_batch, args.inception_weights, args.batch_size, args.device,
+                           args.backend, args.tf_graph, use_cache=not args.no_cache)
+    except EvaluatorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if results is not None:
+        print(format_results(results))
+        json_path, txt_path = write_results(args.sample_batch, results)
+        print(f"wrote {json_path} and {txt_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
