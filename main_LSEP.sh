@@ -5,6 +5,7 @@
 # cfg 1.0, 50k samples, ADM evaluator).
 #
 #   bash main_LSEP.sh [train|generate|evaluate|all]        (default: all)
+#   bash main_LSEP.sh demo [--quick]    the whole pipeline on scikit-learn's digits, CPU, minutes
 #
 # Every setting below is an environment variable, e.g.
 #   N_GPU=8 DATA_DIR=/data/imagenet256 bash main_LSEP.sh train
@@ -16,7 +17,8 @@ cd "$(dirname "$0")"
 STAGE="${1:-all}"
 case "$STAGE" in
   train|generate|evaluate|all) ;;
-  *) echo "usage: bash main_LSEP.sh [train|generate|evaluate|all]" >&2; exit 2 ;;
+  demo) shift; exec "${PYTHON:-python}" demo.py "$@" ;;
+  *) echo "usage: bash main_LSEP.sh [train|generate|evaluate|all|demo]" >&2; exit 2 ;;
 esac
 
 # ---- hardware ----

@@ -48,13 +48,7 @@ def files(tmp_path_factory):
             "latent_ckpt": str(root / "latent.pt"), "vae": str(root / "tinyvae")}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two CPU cores shared with other jobs: one thread avoids OpenMP spin contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_inprocess(argv):

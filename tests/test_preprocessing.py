@@ -36,13 +36,7 @@ SOURCES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # CPU kernels give identical bytes only at equal thread counts; torchrun ranks run with 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_raw_tree(root):

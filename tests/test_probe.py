@@ -64,13 +64,7 @@ def save_checkpoint(path, model):
     return str(path)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These problems are tiny: a second thread only adds sync cost (20x on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,285 @@
+"""The embedded default: the whole LSEP pipeline on real data on a CPU, in minutes.
+
+    python demo.py            # or: bash main_LSEP.sh demo
+    python demo.py --quick    # the shortened run CI uses (a minute or two)
+
+scikit-learn ships 1797 labelled 8x8 handwritten digits (10 classes). The demo upscales them to
+32x32 RGB, writes them as a class-folder tree, and then runs the same tools as the ImageNet
+pipeline, each as its own command:
+
+1. ``preprocessing/dataset_tools.py convert`` -> ``images/`` + ``dataset.json``;
+2. ``train.py --vae none`` (pixel space, no pretrained weights) for LSEP and, unless
+   ``--no-baseline``, the SiT baseline (``--no-probe``) with every other setting equal;
+3. ``generate.py --balanced-labels`` -> a PNG per sample and the ``.npz`` for the evaluator;
+4. class consistency: a logistic regression fitted on real digits labels the samples; the
+   share that matches the conditioning label is reported (the held-out accuracy of that
+   classifier on real digits says how far to trust it);
+5. ``probe.py``: held-out linear-probe top-1 per block of the frozen models (the paper's
+   diagnostic);
+6. ``evaluator/evaluator.py`` (FID etc. against the real digits) when the Inception weights
+   are present (``--inception-weights PATH`` or torch-fidelity's cache).
+
+Everything lands under ``--out`` (default ``demo_out/``); ``summary.json`` holds the numbers.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+NUM_CLASSES = 10
+RESOLUTION = 32
+
+# Model and recipe of the demo: 8x8 tokens (patch 4), probe after block 2 of 4, crop windows of
+# 6..8 tokens (the paper's 12..16 of 16, scaled), the paper's time-bin probe weights; a higher
+# learning rate, a short EMA and lognormal times so a few CPU minutes give legible digits.
+ENCODER_DEPTH = 2
+MODEL_FLAGS = ["--model", "SiT-S/4", "--hidden-size", "96", "--depth", "4", "--num-heads", "4",
+               "--patch-size", "4", "--encoder-depth", str(ENCODER_DEPTH), "--crop-start", "6"]
+RECIPE_FLAGS = ["--uncond-prob", "0.9", "--weights-type", "steps", "--weight-start", "0.0225",
+                "--weight-end", "0.03", "--n-weights", "10", "--learning-rate", "2e-3",
+                "--learning-rate-class", "2e-3", "--ema-decay", "0.99", "--batch-size", "32",
+                "--weighting", "lognormal"]
+SETTINGS = {  # full run (default) and --quick
+    "full": dict(steps=1500, samples=300, sample_steps=20, probe_train=1000, probe_test=500),
+    "quick": dict(steps=20, samples=50, sample_steps=5, probe_train=200, probe_test=100),
+}
+
+
+def run(cmd, log_path):
+    """Run a pipeline command, showing its progress bars, keeping a log; fail loudly."""
+    print("$ " + " ".join(cmd), flush=True)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        proc.wait()
+    if proc.returncode != 0:
+        sys.exit(f"demo: step failed (exit {proc.returncode}); see {log_path}")
+
+
+#################################################################################
+#                                  The data                                     #
+#################################################################################
+
+def digit_images():
+    """(1797, 32, 32, 3) uint8 upscaled digits and their labels, from scikit-learn's copy."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    small = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    big = np.stack([np.asarray(Image.fromarray(im).resize((RESOLUTION, RESOLUTION), Image.BICUBIC)) for im in small])
+    return np.repeat(big[..., None], 3, axis=-1), digits.target.astype(np.int64)
+
+
+def write_class_folders(images, labels, dest):
+    """The ImageNet-style source tree: one folder per class."""
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = os.path.join(dest, f"digit_{label}")
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(image).save(os.path.join(folder, f"{i:04d}.png"))
+
+
+def save_reference_npz(images, path):
+    """Real digits in the evaluator's format (arr_0: N x H x W x 3 uint8)."""
+    if not os.path.exists(path):
+        np.savez(path + ".tmp.npz", arr_0=images)
+        os.replace(path + ".tmp.npz", path)
+
+
+#################################################################################
+#                                 Measurements                                  #
+#################################################################################
+
+def gray_features(images):
+    """32x32x3 uint8 -> 64 features: grey level averaged over 4x4 cells (the digits' 8x8 grid)."""
+    grey = images.astype(np.float32).mean(-1) / 255.0
+    n = grey.shape[0]
+    return grey.reshape(n, 8, RESOLUTION // 8, 8, RESOLUTION // 8).mean(axis=(2, 4)).reshape(n, 64)
+
+
+def fit_digit_classifier(images, labels, seed=0):
+    """Logistic regression on real digits; returns (classifier, held-out accuracy on real digits)."""
+    from sklearn.linear_model import LogisticRegression
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    cut = int(0.8 * len(labels))
+    clf = LogisticRegression(max_iter=2000, C=1.0)
+    clf.fit(gray_features(images[order[:cut]]), labels[order[:cut]])
+    held_out = float(clf.score(gray_features(images[order[cut:]]), labels[order[cut:]]))
+    return clf, held_out
+
+
+def class_consistency(clf, samples, labels):
+    """Share of generated samples that the real-digit classifier assigns to their conditioning label."""
+    return float((clf.predict(gray_features(samples)) == labels).mean())
+
+
+def class_grid(samples, labels, path, per_class=10):
+    """PNG grid: one row per class, the first ``per_class`` samples of that class."""
+    rows = []
+    for c in range(NUM_CLASSES):
+        picked = samples[labels == c][:per_class]
+        pad = np.zeros((per_class - len(picked), *samples.shape[1:]), np.uint8)
+        rows.append(np.concatenate(list(np.concatenate([picked, pad])), axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).resize(
+        (per_class * RESOLUTION * 2, NUM_CLASSES * RESOLUTION * 2), Image.NEAREST).save(path)
+
+
+def inception_weights_path(flag):
+    """The Inception weights to use for FID, or None when they are not on this machine."""
+    if flag:
+        return flag
+    import torch
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints", "weights-inception-2015-12-05-6726825d.pth")
+    return cache if os.path.isfile(cache) else None
+
+
+#################################################################################
+#                                   Pipeline                                    #
+#################################################################################
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo_out", help="output folder")
+    parser.add_argument("--quick", action="store_true", help="shortened run (CI): fewer steps and samples")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per model")
+    parser.add_argument("--samples", type=int, default=None, help="generated samples per model (multiple of 10)")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train the SiT baseline (--no-probe) and compare")
+    parser.add_argument("--inception-weights", default=None, help="Inception .pth for FID (else skipped when absent)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    cfg = dict(SETTINGS["quick" if args.quick else "full"])
+    cfg["steps"] = args.steps or cfg["steps"]
+    cfg["samples"] = args.samples or cfg["samples"]
+    if cfg["samples"] % NUM_CLASSES:
+        parser.error(f"--samples must be a multiple of {NUM_CLASSES}")
+    out = os.path.abspath(args.out)
+    logs = os.path.join(out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    python = sys.executable
+    start = time.time()
+
+    # 1. data in the ImageNet layout
+    print("== 1/6 data: scikit-learn digits -> class folders -> preprocessing/dataset_tools.py convert")
+    images, labels = digit_images()
+    data_dir = os.path.join(out, "data")
+    if not os.path.exists(os.path.join(data_dir, "images", "dataset.json")):
+        raw = os.path.join(out, "raw_digits")
+        write_class_folders(images, labels, raw)
+        run([python, "preprocessing/dataset_tools.py", "convert", "--source", raw, "--dest",
+             os.path.join(data_dir, "images"), "--resolution", f"{RESOLUTION}x{RESOLUTION}",
+             "--transform", "center-crop", "--workers", "2"], os.path.join(logs, "convert.log"))
+    reference = os.path.join(out, "digits_reference.npz")
+    save_reference_npz(images, reference)
+
+    variants = {"lsep": []} if not args.baseline else {"lsep": [], "baseline": ["--no-probe"]}
+    results = {}
+    clf, clf_real = fit_digit_classifier(images, labels, args.seed)
+    weights = inception_weights_path(args.inception_weights)
+    for name, extra in variants.items():
+        # 2. training
+        print(f"== 2/6 train {name}: {cfg['steps']} steps, pixel space")
+        run([python, "train.py", "--exp-name", name, "--output-dir", os.path.join(out, "exps"), "--data-dir", data_dir,
+             "--vae", "none", "--resolution", str(RESOLUTION), "--num-classes", str(NUM_CLASSES),
+             *MODEL_FLAGS, *RECIPE_FLAGS, *extra, "--max-train-steps", str(cfg["steps"]),
+             "--checkpointing-steps", str(cfg["steps"]), "--sampling-steps", "0", "--mixed-precision", "no",
+             "--report-to", "none", "--num-workers", "0", "--seed", str(args.seed),
+             "--log-every", str(max(1, cfg["steps"] // 20)), "--resume-step", "-1"],
+            os.path.join(logs, f"train_{name}.log"))
+        ckpt = os.path.join(out, "exps", name, "checkpoints", f"{cfg['steps']:07d}.pt")
+        with open(os.path.join(out, "exps", name, "stats.jsonl")) as f:
+            last = [json.loads(line) for line in f][-1]
+
+        # 3. sampling
+        print(f"== 3/6 generate {cfg['samples']} samples ({name})")
+        run([python, "generate.py", "--ckpt", ckpt, "--model", "SiT-S/4", "--encoder-depth", str(ENCODER_DEPTH),
+             "--vae", "none", "--resolution",
+             str(RESOLUTION), "--num-fid-samples", str(cfg["samples"]), "--balanced-labels", "--mode", "ode",
+             "--heun", "--num-steps", str(cfg["sample_steps"]), "--cfg-scale", "1.0", "--per-proc-batch-size", "100",
+             "--sample_dir", os.path.join(out, "samples"), "--name_add", name, "--global-seed", str(args.seed)],
+            os.path.join(logs, f"generate_{name}.log"))
+        import generate
+        gen_args = generate.parse_args(["--ckpt", ckpt, "--model", "SiT-S/4", "--encoder-depth", str(ENCODER_DEPTH),
+                                        "--vae", "none", "--resolution",
+                                        str(RESOLUTION), "--cfg-scale", "1.0", "--mode", "ode",
+                                        "--sample_dir", os.path.join(out, "samples"), "--name_add", name,
+                                        "--global-seed", str(args.seed)])
+        npz = generate.sample_folder(gen_args) + ".npz"
+        samples = np.load(npz)["arr_0"]
+        sample_labels = generate.sample_labels(cfg["samples"], NUM_CLASSES, args.seed, balanced=True).numpy()
+        grid = os.path.join(out, f"grid_{name}.png")
+        class_grid(samples, sample_labels, grid)
+
+        # 4. class consistency
+        print(f"== 4/6 class consistency ({name})")
+        consistency = class_consistency(clf, samples, sample_labels)
+
+        # 5. linear separability per block
+        print(f"== 5/6 linear probe per block ({name})")
+        probe_out = os.path.join(out, f"probe_{name}")
+        run([python, "probe.py", "--ckpt", ckpt, "--data-dir", data_dir, "--timesteps", "0.0", "0.5",
+             "--num-train", str(cfg["probe_train"]), "--num-test", str(cfg["probe_test"]), "--out", probe_out,
+             "--device", "cpu", "--num-workers", "0", "--seed", str(args.seed)],
+            os.path.join(logs, f"probe_{name}.log"))
+        with open(os.path.join(probe_out, "probe.json")) as f:
+            probe = json.load(f)
+
+        # 6. ADM metrics when the Inception weights exist
+        metrics = None
+        if weights:
+            print(f"== 6/6 evaluator ({name})")
+            run([python, "evaluator/evaluator.py", reference, npz, "--inception-weights", weights, "--device", "cpu"],
+                os.path.join(logs, f"evaluate_{name}.log"))
+            with open(os.path.splitext(npz)[0] + ".metrics.json") as f:
+                metrics = json.load(f)
+        results[name] = dict(checkpoint=ckpt, samples_npz=npz, grid=grid, probe_json=os.path.join(probe_out, "probe.json"),
+                             probe_png=os.path.join(probe_out, "probe.png"), final_loss=last["loss"],
+                             final_probe_accuracy=last.get("probe_accuracy"), class_consistency=consistency,
+                             probe_timesteps=probe["timesteps"], probe_layers=probe["layers"], probe_top1=probe["top1"],
+                             metrics=metrics)
+
+    summary = dict(settings=cfg, seconds=round(time.time() - start, 1), real_digit_classifier_accuracy=clf_real,
+                   fid="computed" if weights else "skipped: Inception weights not found (pass --inception-weights "
+                   "PATH; torch-fidelity downloads weights-inception-2015-12-05-6726825d.pth from "
+                   "github.com/toshas/torch-fidelity/releases)", results=results)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print_summary(summary, out)
+    return summary
+
+
+def print_summary(summary, out):
+    results = summary["results"]
+    names = list(results)
+    print("\n==================== LSEP demo summary ====================")
+    print(f"{'':34}" + "".join(f"{n:>12}" for n in names))
+    print(f"{'final training loss (total)':34}" + "".join(f"{results[n]['final_loss']:>12.4f}" for n in names))
+    print(f"{'sample class consistency':34}" + "".join(f"{100 * results[n]['class_consistency']:>11.1f}%" for n in names))
+    for i, t in enumerate(results[names[0]]["probe_timesteps"]):
+        for j, layer in enumerate(results[names[0]]["probe_layers"]):
+            label = f"linear probe t={t:g} block {layer}"
+            print(f"{label:34}" + "".join(f"{100 * results[n]['probe_top1'][i][j]:>11.1f}%" for n in names))
+    for n in names:
+        if results[n]["metrics"]:
+            print(f"{'ADM metrics ' + n:34}" + json.dumps(results[n]["metrics"]))
+    print(f"(real-digit classifier held-out accuracy: {100 * summary['real_digit_classifier_accuracy']:.1f}%; "
+          f"FID {summary['fid']})")
+    print(f"took {summary['seconds']:.0f} s; files under {out}:")
+    for n in names:
+        print(f"  {n}: grid {results[n]['grid']}\n        samples {results[n]['samples_npz']}\n"
+              f"        probe {results[n]['probe_png']}\n        checkpoint {results[n]['checkpoint']}")
+    print(f"  summary: {os.path.join(out, 'summary.json')}")
+
+
+if __name__ == "__main__":
+    main()
