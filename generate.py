@@ -24,7 +24,6 @@ non-fused attention by default, 4 latent channels and null class 1000 hard-coded
 """
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import sys
@@ -43,9 +42,7 @@ from models.checkpoint import (SIZE_KWARGS, CheckpointError, checkpoint_model_kw
 from models.vae import (VAEWeightsMissing, decode_to_uint8, downsample_factor, latent_channels, load_vae,
                         pixels_to_uint8)
 from samplers import euler_maruyama_sampler, euler_sampler
-
-# Key of the training args (``checkpoint["args"]``) holding the SiT constructor kwargs.
-# Kwargs that fix a SiT's size; with all of them model_kwargs is a full SiT(...) call.
+from seeding import derive_seed
 
 
 class GenerateError(RuntimeError):
@@ -59,8 +56,7 @@ class GenerateError(RuntimeError):
 def sample_seed(global_seed, index):
     """63-bit seed of sample ``index``: a hash of (global_seed, index), so no two indices or
     seeds share a stream and none collides with the label generator's seed."""
-    digest = hashlib.blake2b(f"lsep-sample/{global_seed}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return derive_seed("lsep-sample", global_seed, index)
 
 
 def sample_labels(num_samples, num_classes, global_seed, balanced=False):

@@ -15,7 +15,6 @@ posterior sample of stored VAE moments) of sample i comes from its own generator
 the probes start from zero and are fitted full batch by L-BFGS: no randomness at all.
 """
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -26,11 +25,9 @@ import torch.nn.functional as F
 from loss import PATH_TYPES, interpolant
 from models import SiT, SiT_models
 from models.vae import sample_posterior, uint8_to_pixels
+from seeding import derive_seed
 from models.checkpoint import (SIZE_KWARGS, CheckpointError, checkpoint_args, checkpoint_model_kwargs,
                                extract_state_dict, load_checkpoint_file, load_state_into)
-
-# Key of the training args (``checkpoint["args"]``) holding the SiT constructor kwargs.
-# With all of these, model_kwargs is a complete SiT(...) call (otherwise --model gives the size).
 
 
 class ProbeError(RuntimeError):
@@ -43,8 +40,7 @@ class ProbeError(RuntimeError):
 
 def sample_generator(seed, index, stream):
     """CPU generator of sample ``index``: a hash of (seed, stream, index), so streams never collide."""
-    digest = hashlib.blake2b(f"lsep-probe/{seed}/{stream}/{index}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.Generator().manual_seed(derive_seed("lsep-probe", seed, stream, index))
 
 
 def sample_noise(indices, shape, seed):

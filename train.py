@@ -29,6 +29,7 @@ from models.checkpoint import atomic_save, load_checkpoint_file
 from models.vae import (LATENT_DOWNSAMPLE, VAEWeightsMissing, decode_to_uint8, downsample_factor, latent_channels,
                         load_vae, pixels_to_uint8, sample_posterior, uint8_to_pixels)
 from samplers import euler_sampler, unwrap_model
+from seeding import derive_seed
 import train_utils as tu
 from train_utils import TrainingDiverged, TrainingError
 
@@ -146,7 +147,7 @@ def build_dataloader(args, dataset, accelerator, start_step, start_sample):
 
 def preview_noise(args, model_kwargs, device):
     """Fixed preview noise and labels, a function of --seed only (same grid content every time)."""
-    generator = torch.Generator().manual_seed(tu.derive_seed(args.seed, -2, 0))
+    generator = torch.Generator().manual_seed(derive_seed(args.seed, -2, 0))
     size, channels = model_kwargs["input_size"], model_kwargs["in_channels"]
     x = torch.randn(PREVIEW_SAMPLES, channels, size, size, generator=generator)
     y = torch.randint(0, model_kwargs["num_classes"], (PREVIEW_SAMPLES,), generator=generator)

@@ -10,18 +10,17 @@ continues exactly like an unbroken one, and 2 processes x 1 accumulation step se
 samples and noise as 1 process x 2 accumulation steps.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
 import re
 import resource
-import struct
 import time
 
 import torch
 
 from models import SIT_SIZES, SiT_models
+from seeding import derive_seed
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
 MODEL_NAME = re.compile(r"^SiT-(S|B|L|XL)/(\d+)$")
@@ -106,12 +105,6 @@ def classifier_learning_rate(args):
 #################################################################################
 #                            Seeds and data order                               #
 #################################################################################
-
-def derive_seed(*parts):
-    """A 63-bit seed that is a hash of integer ``parts`` (so streams never overlap by offset)."""
-    data = struct.pack(f"<{len(parts)}q", *(int(p) for p in parts))
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
-
 
 def seed_step(seed, step, shard, device=None):
     """Seed the global torch RNG (CPU, and ``device`` when it is a GPU) for shard ``shard`` of step ``step``."""
