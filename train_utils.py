@@ -259,14 +259,6 @@ def restore_checkpoint(checkpoint, model, ema, optimizer, scaler=None):
 #                          Non-finite guard and stats                           #
 #################################################################################
 
-def all_ranks_any(flag, accelerator):
-    """True on every process when ``flag`` (a bool tensor) is True on any; the one per-step sync."""
-    flag = flag.detach().reshape(1).float()
-    if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, reduction="sum")
-    return bool(flag.item() > 0)
-
-
 class NonFiniteGuard:
     """Counts skipped steps; raises TrainingDiverged after ``max_consecutive`` in a row (0 = never)."""
 
