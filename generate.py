@@ -350,6 +350,9 @@ def main(args):
                   f"{channels}x{latent_size}x{latent_size}; {args.mode} {args.num_steps} steps, cfg {args.cfg_scale}")
         if args.precision == "bf16":
             model = Autocast(model, device.type)
+        if args.compile:
+            # Static shapes: one graph for the guided batch (2B) and one for the unguided (B).
+            model = torch.compile(model, dynamic=False, backend=args.compile_backend)
 
         batch = args.per_proc_batch_size
         chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
@@ -429,6 +432,9 @@ def parse_args(argv=None):
     parser.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False, help="ODE only")
     parser.add_argument("--guidance-low", type=float, default=0.0)
     parser.add_argument("--guidance-high", type=float, default=1.0)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (compiles once per batch shape, then each step is faster)")
+    parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # tests: eager
     # debugging: stop each process after this many batches (simulates a killed run)
     parser.add_argument("--max-batches", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

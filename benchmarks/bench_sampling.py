@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate import Autocast  # noqa: E402
 from models import SiT_models  # noqa: E402
 from models.flops import peak_flops, sit_forward_flops  # noqa: E402
-from samplers import euler_maruyama_sampler, euler_sampler  # noqa: E402
+from samplers import euler_maruyama_sampler, euler_sampler, unwrap_model  # noqa: E402
 
 def model_evals(mode, num_steps, cfg_scale, heun=False):
     """Per-sample forwards of a sampler run (a guided step costs two)."""
@@ -91,7 +91,7 @@ def main(args):
     rows = []
 
     def report(name, model, precision, mode, steps, cfg, seconds):
-        flops = sit_forward_flops(model.module if isinstance(model, Autocast) else model, probe=False)
+        flops = sit_forward_flops(unwrap_model(model), probe=False)
         tflops = flops * model_evals(mode, steps, cfg) * args.batch_size / seconds / 1e12
         peak = None if cpu else peak_flops(gpu, precision, tf32=False)  # "tf32": fp32 matmuls on TF32 cores
         rows.append(dict(setting=name, mode=mode, steps=steps, cfg=cfg, samples_per_s=args.batch_size / seconds,
@@ -110,22 +110,30 @@ def main(args):
         authors = random_model(args, fused_attn=False, latent_size=latent_size)
         ours = random_model(args, fused_attn=True, latent_size=latent_size)
         ours_run = Autocast(ours, args.device.type) if args.precision == "bf16" else ours
+        settings = [("ours", ours_run)]
+        if args.compile:  # generate.py --compile: the same module under torch.compile
+            settings.append(("ours+compile", torch.compile(ours_run, dynamic=False)))
         for mode, steps in (("sde", args.sde_steps), ("ode", args.ode_steps)):
             set_precision("tf32")
             t_authors, out_authors = time_sampler(authors, mode, steps, args.cfg_scale, z, y, args.repeats)
             report("authors", authors, "tf32" if not cpu else "fp32", mode, steps, args.cfg_scale, t_authors)
             set_precision(args.precision)
-            t_ours, out_ours = time_sampler(ours_run, mode, steps, args.cfg_scale, z, y, args.repeats)
-            report("ours", ours_run, args.precision, mode, steps, args.cfg_scale, t_ours)
-            diff = (out_ours - out_authors).abs().max().item()
-            compare[mode] = dict(speedup=t_authors / t_ours, max_abs_diff=diff,
-                                 output_abs_max=out_authors.abs().max().item())
-            print(f"  {mode}: ours/authors speed-up x{t_authors / t_ours:.2f}, max |ours - authors| = {diff:.3g} "
-                  f"(outputs up to {compare[mode]['output_abs_max']:.3g})", flush=True)
+            for name, run_model in settings:
+                t_ours, out_ours = time_sampler(run_model, mode, steps, args.cfg_scale, z, y, args.repeats)
+                report(name, run_model, args.precision, mode, steps, args.cfg_scale, t_ours)
+                diff = (out_ours - out_authors).abs().max().item()
+                rel = ((out_ours - out_authors).norm() / out_authors.norm()).item()
+                compare[f"{mode}/{name}"] = dict(speedup=t_authors / t_ours, max_abs_diff=diff, rel_l2_diff=rel,
+                                                 output_abs_max=out_authors.abs().max().item())
+                print(f"  {mode}: {name}/authors speed-up x{t_authors / t_ours:.2f}, max |{name} - authors| = "
+                      f"{diff:.3g}, relative L2 {rel:.3g} (outputs up to {out_authors.abs().max().item():.3g})",
+                      flush=True)
     else:
         set_precision(args.precision)
         model = random_model(args, fused_attn=args.fused_attn, latent_size=latent_size)
         run_model = Autocast(model, args.device.type) if args.precision == "bf16" else model
+        if args.compile:
+            run_model = torch.compile(run_model, dynamic=False)
         for mode, steps in (("sde", args.sde_steps), ("ode", args.ode_steps)):
             for cfg in (1.0, args.cfg_scale):
                 seconds, out = time_sampler(run_model, mode, steps, cfg, z, y, args.repeats)
@@ -143,7 +151,7 @@ def main(args):
             print(f"VAE decode: {args.batch_size / seconds:.2f} samples/s")
 
     result = dict(model=args.model, resolution=args.resolution, batch_size=args.batch_size, device=gpu,
-                  precision=args.precision, torch=torch.__version__, threads=torch.get_num_threads(),
+                  precision=args.precision, compile=args.compile, torch=torch.__version__, threads=torch.get_num_threads(),
                   rows=rows, compare=compare or None)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -167,6 +175,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=2, help="timed calls after one warm-up")
     parser.add_argument("--vae", default=None, help="also time decoding with this VAE (ema/mse/folder)")
     parser.add_argument("--compare", action="store_true", help="authors' settings vs ours, same weights and noise")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile ours (with --compare: an extra 'ours+compile' row)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "results", "sampling.json"))
     return parser.parse_args(argv)

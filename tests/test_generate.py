@@ -157,6 +157,18 @@ def test_npz_format_and_cfg_one_equals_unguided_sampler(files):
     assert np.abs(guided.astype(int) - images).max() > 10
 
 
+def test_compile_flag_gives_the_same_images(files):
+    # dynamo with the eager backend: the real graph capture (guided and unguided batch shapes, the
+    # Autocast wrapper) without inductor's minutes of CPU compilation; tests/test_gpu.py runs inductor
+    out = files["root"] / "compile"
+    args = ("--cfg-scale", "2", "--guidance-high", "0.5")  # both the 2B (guided) and B (unguided) graphs
+    eager = load(run_inprocess(pixel_args(files, out / "eager", 5, *args)))
+    compiled = load(run_inprocess(pixel_args(files, out / "compiled", 5, *args, "--compile",
+                                             "--compile-backend", "eager")))
+    np.testing.assert_array_equal(compiled, eager)
+    assert len(np.unique(eager)) > 200
+
+
 def test_per_index_noise_and_labels():
     z_all, eps_all = generate.sample_noise([0, 1, 2, 3], (4, 2, 2), 5, 7, "cpu")
     z_two, eps_two = generate.sample_noise([3, 1], (4, 2, 2), 5, 7, "cpu")
