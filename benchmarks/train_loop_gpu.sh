@@ -10,7 +10,7 @@ RESULTS=${1:-benchmarks/results}
 WORK=${TMPDIR:-/tmp}/lsep_train_loop
 STEPS=${STEPS:-60}
 rm -rf "$WORK" && mkdir -p "$WORK" "$RESULTS"
-"$PY" -c "from tests.test_train import make_latent_data; make_latent_data('$WORK/data', n=2048, side=32)"
+"$PY" -c "import sys; sys.path.insert(0, 'tests'); from test_train import make_latent_data; make_latent_data('$WORK/data', n=2048, side=32)"
 "$PY" train.py --data-dir "$WORK/data" --output-dir "$WORK/exps" --exp-name loop --model SiT-XL/2 \
     --resolution 256 --batch-size 64 --mixed-precision bf16 --compile --max-train-steps "$STEPS" \
     --log-every 20 --sampling-steps 0 --report-to none --num-workers 4 --num-classes 1000

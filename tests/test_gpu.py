@@ -111,7 +111,7 @@ def test_compiled_training_loss_and_gradients_match_eager():
 
 @pytest.fixture(scope="module")
 def latent_dir(tmp_path_factory):
-    from tests.test_train import make_latent_data
+    from test_train import make_latent_data
     return make_latent_data(str(tmp_path_factory.mktemp("latents")))
 
 
@@ -129,7 +129,7 @@ def test_train_on_cuda_mixed_precision_and_resume(latent_dir, tmp_path, precisio
     close to an unbroken one (GPU kernels are not bitwise deterministic, so a tolerance)."""
     import train
     from accelerate.state import AcceleratorState, GradientState
-    from tests.test_train import ckpt, stats, tiny_argv
+    from test_train import ckpt, stats, tiny_argv
 
     def run(name, steps, *extra):
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -156,7 +156,7 @@ def test_generate_on_cuda_bf16_compile_and_cpu_agree(tmp_path):
     """generate.py on the GPU in tf32, bf16 and bf16 + compile against the CPU in fp32: the same
     images up to rounding of a few pixel levels."""
     import generate
-    from tests.test_generate import LATENT_KWARGS, tiny_checkpoint
+    from test_generate import LATENT_KWARGS, tiny_checkpoint
 
 
     def sample(out, device, *extra):
