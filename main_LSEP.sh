@@ -68,6 +68,7 @@ GUIDANCE_HIGH="${GUIDANCE_HIGH:-1.0}"
 NUM_FID_SAMPLES="${NUM_FID_SAMPLES:-50000}"
 PER_PROC_BATCH="${PER_PROC_BATCH:-64}"
 VAE="${VAE:-ema}"                          # decoder for the FID samples
+EXTRA_GEN_ARGS="${EXTRA_GEN_ARGS:-}"        # more generate.py flags; fastest: "--bf16 --compile"
 
 # ---- evaluation ----
 REF_BATCH="${REF_BATCH:-evaluator/VIRTUAL_imagenet256_labeled.npz}"
@@ -138,7 +139,8 @@ run_generate() {
     exit 1
   fi
   echo "== generate ${NUM_FID_SAMPLES} samples from ${CKPT}"
-  torchrun --nnodes=1 --nproc_per_node="${N_GPU}" generate.py "${GEN_ARGS[@]}"
+  # shellcheck disable=SC2086  # EXTRA_GEN_ARGS is a list of flags
+  torchrun --nnodes=1 --nproc_per_node="${N_GPU}" generate.py "${GEN_ARGS[@]}" ${EXTRA_GEN_ARGS}
 }
 
 run_evaluate() {

@@ -48,7 +48,7 @@ from models import SiT_models  # noqa: E402
 from models.flops import SiTFlopsConfig, mfu, peak_flops, train_step_flops  # noqa: E402
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-LEVERS = ("probe", "crop", "attention", "precision", "compile", "optimizer", "ema")
+LEVERS = ("probe", "crop", "attention", "precision", "compile", "compile-mode", "optimizer", "ema")
 
 
 @dataclass(frozen=True)
@@ -60,12 +60,13 @@ class Variant:
     attention: str = "sdpa"       # sdpa | manual
     precision: str = "bf16"       # bf16 | fp16 | fp32
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode when compile is on
     optimizer: str = "fused"      # fused | foreach | for-loop | default (torch picks)
     ema: str = "foreach-lerp"     # foreach-lerp | foreach-mul-add | loop
 
 
 def ours_and_reference(args):
-    ours = Variant("ours", precision=args.precision, compile=args.compile)
+    ours = Variant("ours", precision=args.precision, compile=args.compile, compile_mode=args.compile_mode)
     reference = Variant("reference", probe="two-pass", crop="loop", attention="manual",
                         precision=args.precision, compile=False, optimizer="default", ema="loop")
     return ours, reference
@@ -86,6 +87,9 @@ def lever_variants(base, names):
         out.append(("precision", replace(base, name=f"{flip}", precision=flip)))
     if "compile" in names:
         out.append(("compile", replace(base, name="eager" if base.compile else "compile", compile=not base.compile)))
+    if "compile-mode" in names:  # inductor's autotuned (Triton template) matmuls with fused epilogues
+        mode = "max-autotune-no-cudagraphs" if base.compile_mode == "default" else "default"
+        out.append(("compile-mode", replace(base, name=f"compile {mode}", compile=True, compile_mode=mode)))
     if "optimizer" in names:
         for kind in ("fused", "foreach", "for-loop"):
             if kind != base.optimizer:
@@ -119,7 +123,7 @@ class StepRunner:
             forward = model
         else:
             forward = ReferenceForward(model, attention=variant.attention, crop=variant.crop)
-        self.forward = torch.compile(forward) if variant.compile else forward
+        self.forward = torch.compile(forward, mode=variant.compile_mode) if variant.compile else forward
         self.optimizer = make_optimizer(model, variant.optimizer)
         self.scaler = torch.amp.GradScaler(device.type, enabled=variant.precision == "fp16")
         self.params = [p for p in model.parameters()]
@@ -344,6 +348,8 @@ def parse_args(argv=None):
     p.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls for fp32 (the recipe's --allow-tf32); sets the fp32 peak used for MFU")
     p.add_argument("--compile", action="store_true", help="torch.compile our path (the reference stays eager)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compare", action="store_true", help="also time the reference path, interleaved")
     p.add_argument("--levers", nargs="?", const="all", default=None,
@@ -375,7 +381,7 @@ def parse_args(argv=None):
         if unknown:
             p.error(f"--levers: unknown {sorted(unknown)}; choose from {','.join(LEVERS)}")
         if args.levers == "all" and not cuda:
-            names = tuple(n for n in names if n != "compile")  # inductor on 2 CPU cores takes minutes
+            names = tuple(n for n in names if not n.startswith("compile"))  # inductor on 2 CPU cores: minutes
         args.lever_names = names
     if args.resolution % 8:
         p.error(f"--resolution {args.resolution} must be a multiple of 8 (the VAE's downsampling)")

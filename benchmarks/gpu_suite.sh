@@ -55,9 +55,9 @@ fi
 if [ "$PART" = loop ] || [ "$PART" = all ]; then
     # train.py's own loop (data loading, the non-finite guard, logging, the final checkpoint) on
     # random latents, compiled.
-    run 300 bash benchmarks/train_loop_gpu.sh "$RESULTS"
+    run 260 bash benchmarks/train_loop_gpu.sh "$RESULTS"
     # The evaluator: Inception features and the five metrics at 10k and 50k samples (random weights).
-    run 240 "$PY" benchmarks/bench_evaluator.py --sizes 10000,50000 --device cuda --out "$RESULTS/evaluator_gpu.json"
+    run 190 "$PY" benchmarks/bench_evaluator.py --sizes 10000,50000 --device cuda --out "$RESULTS/evaluator_gpu.json"
 fi
 
 echo "results in $RESULTS" | tee -a "$LOG"
