@@ -110,7 +110,7 @@ def attention_backends(model, batch, device, reps=20):
     return dict(shape=[2 * batch, heads, tokens, dim], ms=out)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="SiT-XL/2")
     p.add_argument("--batch-size", type=int, default=64)
@@ -120,7 +120,7 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "profile_train.json"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     latent = args.resolution // 8
@@ -188,6 +188,7 @@ def main():
         json.dump(dict(model=args.model, batch_size=args.batch_size, compile=args.compile, torch=torch.__version__,
                        device=name, flops_per_step=flops, phases_ms=phases,
                        kinds_ms=dict(by_kind), attention=attention, top=[dict(name=n, ms=m, count=c) for n, (m, c) in top]), f, indent=1)
+    return phases, dict(by_kind), attention
 
 
 if __name__ == "__main__":

@@ -212,3 +212,39 @@ def test_window_pooling_stays_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pooled, looped = pool_tokens(tokens, window), loop_pool_tokens(tokens, window)
     torch.testing.assert_close(pooled, looped, rtol=1e-5, atol=1e-5)
+
+
+def test_lever_variants_flip_one_setting_each():
+    from benchmarks.bench_train import Variant, lever_variants
+
+    base = Variant("ours", compile=True)
+    flipped = dict(lever_variants(base, ("compile", "compile-mode", "attention", "probe")))
+    assert flipped["compile"].compile is False
+    assert (flipped["compile-mode"].compile, flipped["compile-mode"].compile_mode) == (True, "max-autotune-no-cudagraphs")
+    assert flipped["attention"].attention == "manual" and flipped["probe"].probe == "two-pass"
+    for variant in flipped.values():  # everything else stays as in the base
+        changed = {k for k, v in vars(variant).items() if v != vars(base)[k]} - {"name"}
+        assert 1 <= len(changed) <= 2, changed
+
+
+def test_profile_train_phases_and_kernel_kinds_on_cpu(tmp_path):
+    from benchmarks import profile_train
+
+    # kernel names seen in an H100 profile of the compiled SiT-XL/2 step
+    assert profile_train.kind_of("nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN") == "matmul"
+    assert profile_train.kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16") == "attention"
+    assert profile_train.kind_of("triton_poi_fused_gelu_gelu_backward_view_15") == "fused elementwise (triton)"
+    assert profile_train.kind_of("void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata>") \
+        == "optimizer"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        phases, kinds, attention = profile_train.main([
+            "--device", "cpu", "--model", "SiT-S/8", "--resolution", "64", "--batch-size", "2", "--steps", "1",
+            "--out", str(tmp_path / "profile.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert list(phases) == ["forward+backward", "clip grad norm", "AdamW", "EMA"] and min(phases.values()) > 0
+    assert kinds["optimizer"] > 0  # aten::_fused_adamw_ and the EMA's lerp_
+    assert isinstance(attention["ms"]["MATH"], float) and attention["shape"] == [4, 6, 1, 64]
+    assert json.loads((tmp_path / "profile.json").read_text())["phases_ms"] == phases
