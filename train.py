@@ -174,7 +174,7 @@ def main(args):
     """Train; returns the final step. Raises TrainingError on bad flags/data, TrainingDiverged
     after --max-nonfinite consecutive non-finite steps."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     exp_dir = os.path.join(args.output_dir, args.exp_name)
     checkpoint_dir = os.path.join(exp_dir, "checkpoints")
@@ -189,6 +189,8 @@ def main(args):
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=exp_dir, logging_dir=os.path.join(exp_dir, args.logging_dir)),
+        # gradients live in DDP's communication buckets: one gradient-sized copy less per step
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
     )
     device, is_main = accelerator.device, accelerator.is_main_process
     if is_main:
@@ -228,6 +230,8 @@ def main(args):
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
     model = model.to(device)
+    if not model.probe:  # the baseline never uses the classifier; DDP refuses parameters that get no gradient
+        model.classifier.requires_grad_(False)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     classifier_params = list(model.classifier.parameters())
     other_params = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]

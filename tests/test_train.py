@@ -177,8 +177,10 @@ def test_wandb_offline_without_credentials(tmp_path):
 #                               Training runs                                   #
 #################################################################################
 
-def test_two_processes_equal_one_process_with_accumulation(latent_dir, tmp_path):
-    argv = tiny_argv(latent_dir, tmp_path, "two", "--max-train-steps", 3)
+@pytest.mark.parametrize("extra", [(), ("--no-probe",)], ids=["lsep", "baseline"])
+def test_two_processes_equal_one_process_with_accumulation(latent_dir, tmp_path, extra):
+    # the baseline leaves the classifier without gradients, which DDP refuses unless it is frozen
+    argv = tiny_argv(latent_dir, tmp_path, "two", "--max-train-steps", 3, *extra)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(ROOT, "train.py"), *argv]
@@ -192,7 +194,7 @@ def test_two_processes_equal_one_process_with_accumulation(latent_dir, tmp_path)
     assert proc.returncode == 0, output[-3000:]
     # --batch-size is per micro-step over all processes (the authors' meaning): 2 x 4 = 8 per optimizer step either way
     run(*tiny_argv(latent_dir, tmp_path, "accum", "--max-train-steps", 3, "--gradient-accumulation-steps", 2,
-                   "--batch-size", 4))
+                   "--batch-size", 4, *extra))
     two, accum = ckpt(tmp_path, "two", 3), ckpt(tmp_path, "accum", 3)
     assert two["args"].num_processes == 2 and accum["args"].num_processes == 1
     assert_states_equal(two["model"], accum["model"], exact=False, atol=1e-5)
