@@ -230,8 +230,6 @@ def main(args):
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
     model = model.to(device)
-    if not model.probe:  # the baseline never uses the classifier; DDP refuses parameters that get no gradient
-        model.classifier.requires_grad_(False)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     classifier_params = list(model.classifier.parameters())
     other_params = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]

@@ -123,11 +123,11 @@ def main(args):
                 report(name, run_model, args.precision, mode, steps, args.cfg_scale, t_ours)
                 diff = (out_ours - out_authors).abs().max().item()
                 rel = ((out_ours - out_authors).norm() / out_authors.norm()).item()
+                scale = out_authors.abs().max().item()
                 compare[f"{mode}/{name}"] = dict(speedup=t_authors / t_ours, max_abs_diff=diff, rel_l2_diff=rel,
-                                                 output_abs_max=out_authors.abs().max().item())
+                                                 output_abs_max=scale)
                 print(f"  {mode}: {name}/authors speed-up x{t_authors / t_ours:.2f}, max |{name} - authors| = "
-                      f"{diff:.3g}, relative L2 {rel:.3g} (outputs up to {out_authors.abs().max().item():.3g})",
-                      flush=True)
+                      f"{diff:.3g}, relative L2 {rel:.3g} (outputs up to {scale:.3g})", flush=True)
     else:
         set_precision(args.precision)
         model = random_model(args, fused_attn=args.fused_attn, latent_size=latent_size)
@@ -151,8 +151,8 @@ def main(args):
             print(f"VAE decode: {args.batch_size / seconds:.2f} samples/s")
 
     result = dict(model=args.model, resolution=args.resolution, batch_size=args.batch_size, device=gpu,
-                  precision=args.precision, compile=args.compile, torch=torch.__version__, threads=torch.get_num_threads(),
-                  rows=rows, compare=compare or None)
+                  precision=args.precision, compile=args.compile, torch=torch.__version__,
+                  threads=torch.get_num_threads(), rows=rows, compare=compare or None)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

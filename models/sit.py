@@ -216,6 +216,8 @@ class SiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.classifier = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, num_classes))
         self.initialize_weights()
+        if not probe:  # the baseline never uses the classifier, and DDP refuses parameters without gradients
+            self.classifier.requires_grad_(False)
 
     def _check_crop(self, crop_start, crop_end):
         """Crop is on when crop_start < grid side; crop_end is exclusive (default grid + 1)."""

@@ -245,6 +245,9 @@ def test_baseline_switch_runs_no_probe_branch():
     v, logits = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]))
     assert logits is None and v.shape == (2, 4, 8, 8)
     assert set(model.state_dict()) == set(tiny().state_dict())
+    v.square().mean().backward()  # the classifier is frozen: no parameter is left without a gradient
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert not any(p.requires_grad for p in model.classifier.parameters())
 
 
 def test_authors_constructor_keywords():
