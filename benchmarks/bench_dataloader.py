@@ -2,7 +2,8 @@
 
 One LSEP training step (SiT-XL/2, 256 px) eats a global batch of 256 latents. This script builds
 (or reads, --data-dir) an ImageNet-256-shaped layout: (8, 32, 32) float32 moments, and 256x256
-PNGs for the authors'-style path that also decodes every image with PIL (return_images=True).
+PNGs for the paired path that also decodes every image with PIL (mode="latent+pixel": what REPA
+alignment reads, and what the authors' loader decoded on every step).
 It reports samples/s and batches/s per layout and worker count; with --step-rate (training
 steps/s measured on your accelerator) it also reports the headroom, loader batches/s / step rate
 (> 1: the loader keeps up). Files are read from a warm page cache, so this is the CPU cost.
@@ -76,11 +77,11 @@ def main(argv=None):
         print(f"built synthetic layouts in {tmp} ({time.perf_counter() - t:.1f} s)")
         cases = [("latents, folder", os.path.join(tmp, "latents"), {}),
                  ("latents, zip", os.path.join(tmp, "latents_zip"), {}),
-                 ("PNG (PIL) + latents, return_images", os.path.join(tmp, "authors"), {"return_images": True})]
+                 ("PNG (PIL) + latents, latent+pixel", os.path.join(tmp, "authors"), {"mode": "latent+pixel"})]
     else:
         cases = [("latents", args.data_dir, {})]
         if any(os.path.exists(os.path.join(args.data_dir, p)) for p in ("images", "images.zip")):
-            cases.append(("PNG (PIL) + latents, return_images", args.data_dir, {"return_images": True}))
+            cases.append(("PNG (PIL) + latents, latent+pixel", args.data_dir, {"mode": "latent+pixel"}))
 
     results = []
     try:

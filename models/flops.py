@@ -137,6 +137,59 @@ def mfu(flops_per_step, step_time_s, peak_flops):
     return flops_per_step / step_time_s / peak_flops
 
 
+def vit_forward_flops(embed_dim, depth, patch_size, grid, prefix_tokens=1, mlp_in=None, mlp_out=None,
+                      in_chans=3):
+    """Forward matmul FLOPs of one image through a plain ViT (patch embedding + blocks, no head).
+
+    ``grid`` is the patch grid side; the sequence also holds ``prefix_tokens`` (class/registers).
+    ``mlp_in`` / ``mlp_out``: fc1 output and fc2 input widths (4 x embed_dim; SwiGLU differs).
+    """
+    d = embed_dim
+    mlp_in, mlp_out = mlp_in or 4 * d, mlp_out or 4 * d
+    tokens = grid * grid + prefix_tokens
+    per_block = (2 * tokens * d * 3 * d + 2 * 2 * tokens * tokens * d + 2 * tokens * d * d
+                 + 2 * tokens * d * mlp_in + 2 * tokens * mlp_out * d)
+    return 2 * grid * grid * in_chans * patch_size * patch_size * d + depth * per_block
+
+
+def encoder_forward_flops(enc_type, resolution=256, batch=1):
+    """Forward FLOPs of the frozen REPA encoder(s) for ``batch`` images of side ``resolution``.
+
+    ``enc_type``: a ``--enc-type`` string (comma list) or list of names. Frozen and under
+    no_grad, the encoders run forward only, so a training step costs 1x this (not 3x).
+    """
+    from models.encoders import ENCODERS, encoder_grid, parse_enc_type
+
+    names = [n for n, _ in parse_enc_type(enc_type)] if isinstance(enc_type, str) else list(enc_type)
+    total = 0
+    for name in names:
+        s = ENCODERS[name]
+        total += vit_forward_flops(s.embed_dim, s.depth, s.patch_size, encoder_grid(s, resolution),
+                                   s.prefix_tokens, s.mlp_in, s.mlp_out)
+    return batch * total
+
+
+def projector_forward_flops(hidden_size, z_dims, tokens, projector_dim=2048, batch=1):
+    """Forward FLOPs of REPA's projector MLPs (one per encoder width in ``z_dims``) on ``tokens`` tokens."""
+    p = projector_dim
+    return batch * sum(2 * tokens * (hidden_size * p + p * p + p * z) for z in z_dims)
+
+
+def repa_train_step_flops(cfg, enc_type, resolution=256, batch=1, projector_dim=2048):
+    """FLOPs REPA adds to ``train_step_flops``: encoders forward (1x) + projectors (3x, trained).
+
+    The SiT's backward through blocks 1..align_depth is already in its 3x forward count.
+    """
+    from models.encoders import ENCODERS, parse_enc_type
+
+    cfg = _as_config(cfg)
+    names = [n for n, _ in parse_enc_type(enc_type)] if isinstance(enc_type, str) else list(enc_type)
+    tokens = (cfg.input_size // cfg.patch_size) ** 2
+    z_dims = [ENCODERS[n].z_dim for n in names]
+    return (encoder_forward_flops(names, resolution, batch)
+            + 3 * projector_forward_flops(cfg.hidden_size, z_dims, tokens, projector_dim, batch))
+
+
 if __name__ == "__main__":
     for name in ("SiT-B/2", "SiT-L/2", "SiT-XL/2"):
         cfg = SiTFlopsConfig.from_name(name)
