@@ -97,6 +97,9 @@ class CustomDataset(torch.utils.data.Dataset):
         images/ is checked against it when present. return_images=True adds the uint8 image
         [3,H,W] first, as the authors' dataset: (image, moments, label).
     mode="pixel": item = (image uint8 [3,H,W], label); only images/ is needed (small sets, no VAE).
+    mode="latent+pixel": item = (image uint8 [3,H,W], moments, label), the same as mode="latent" with
+        return_images=True: REPA's encoders read the image next to its latent. Both folders must
+        list the same items (count, labels and the index in each file name), checked at start-up.
     check_all_headers: parse every .npy header at start-up (one small read per file, minutes for
         1.28M files). By default the first and last headers are parsed and every file's size is
         checked against them, and each read compares the file's header bytes (a memcmp).
@@ -108,8 +111,10 @@ class CustomDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data_dir, mode="latent", return_images=False, check_all_headers=False):
-        if mode not in ("latent", "pixel"):
-            raise ValueError(f"mode must be 'latent' or 'pixel', got {mode!r}")
+        if mode not in ("latent", "pixel", "latent+pixel"):
+            raise ValueError(f"mode must be 'latent', 'pixel' or 'latent+pixel', got {mode!r}")
+        if mode == "latent+pixel":
+            mode, return_images = "latent", True
         if not os.path.isdir(data_dir):
             raise DatasetError(f"--data-dir {data_dir} is not a folder")
         self.data_dir, self.mode, self.return_images = data_dir, mode, return_images
@@ -190,6 +195,13 @@ class CustomDataset(torch.utils.data.Dataset):
                 f"{images} has {len(self.image_files)} images but {latents} has {len(self.latent_files)} latents; "
                 f"re-run encode on these images ({fix}), or move {images} away to train on the latents alone"
             )
+        if self.return_images:  # items are paired by position: their names must carry the same index
+            digits = str.maketrans("", "", "".join(map(chr, range(32, 48))) + "".join(map(chr, range(58, 127))))
+            for image, latent in zip(self.image_files, self.latent_files):
+                if image.translate(digits) != latent.translate(digits):
+                    raise DatasetError(f"{images}/{image} is paired with {latents}/{latent} (same position in "
+                                       f"sorted order) but their indices differ; the folders hold different "
+                                       f"items: {fix}")
         differ = np.flatnonzero(image_labels != self.labels)
         if len(differ):
             i = int(differ[0])
