@@ -41,6 +41,7 @@ SNAPSHOT_DIR = "posthoc-ema"              # <exp>/posthoc-ema/<step:07d>.pt
 STEP_FILE = re.compile(r"^(\d{7,})\.pt$")  # snapshot and checkpoint names (temporaries excluded)
 DEFAULT_SIGMA_RELS = (0.05, 0.10)          # EDM2's two tracked profiles (gamma 16.97 and 6.94)
 MAX_SIGMA_REL = 1.0 / math.sqrt(12.0)      # gamma = 0: a uniform average over all of training
+FIT_WARNING = 0.05                         # relative L2 profile error above which the tool warns
 DEFAULT_OUT = os.path.join("{exp_dir}", SNAPSHOT_DIR, "reconstructed", "{step:07d}-sigma{sigma_rel}.pt")
 
 
@@ -89,8 +90,8 @@ def sigma_rel_to_gamma(sigma_rel):
 def power_ema_beta(step, gamma, delta=1):
     """Decay of the power-function EMA at optimizer step ``step`` (counted from 1):
     ``(1 - delta/step)^(gamma+1)``, where ``delta`` steps passed since the previous update (EDM2
-    eq. in appendix C.2 with time in steps). ``beta`` is 0 at the first step: the EMA starts as
-    the parameters after step 1, and the initial weights get no weight."""
+    appendix C counts time in images; at a fixed batch size the ratio is the same). ``beta`` is 0
+    at the first step: the EMA starts as the parameters after step 1, the initial weights get none."""
     if not 0 < delta <= step:
         raise ValueError(f"power-function EMA update at step {step} after {delta} steps: need 0 < delta <= step")
     return (1.0 - delta / step) ** (gamma + 1.0)
@@ -387,14 +388,23 @@ def parse_sigma_rels(values):
     return out
 
 
+def output_path(pattern, exp_dir, step, sigma_rel):
+    """``--out`` with its placeholders filled in."""
+    try:
+        return pattern.format(exp_dir=exp_dir, step=step, sigma_rel=sigma_rel)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise PosthocEMAError(f"--out {pattern}: cannot fill in {exc!s}; the placeholders are {{sigma_rel}}, "
+                              "{step} and {exp_dir}") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
     sigma_rels = parse_sigma_rels(args.sigma_rel)
     if not sigma_rels:
         raise PosthocEMAError("--sigma-rel needs at least one value, e.g. --sigma-rel 0.07")
-    if len(sigma_rels) > 1 and "{sigma_rel" not in args.out:
-        raise PosthocEMAError(f"--out {args.out} has no {{sigma_rel}} but {len(sigma_rels)} values were given; "
-                              "e.g. --out phema-{sigma_rel}.pt")
+    if len({output_path(args.out, args.exp_dir, 0, s) for s in sigma_rels}) < len(sigma_rels):
+        raise PosthocEMAError(f"--out {args.out} gives one file for {len(sigma_rels)} --sigma-rel values; put "
+                              "{sigma_rel} in it, e.g. --out phema-{sigma_rel}.pt")
     snapshot_dir = args.snapshot_dir or os.path.join(args.exp_dir, SNAPSHOT_DIR)
     snapshots = list_step_files(snapshot_dir)
     if not snapshots:
@@ -410,10 +420,13 @@ def main(argv=None):
     print(f"{len(files)} snapshots up to step {plan['target_step']} ({len(plan['columns'])} profiles); "
           f"template {template_path}")
     for j, (sigma_rel, state) in enumerate(zip(sigma_rels, states)):
-        out_path = args.out.format(exp_dir=args.exp_dir, step=plan["target_step"], sigma_rel=sigma_rel)
+        out_path = output_path(args.out, args.exp_dir, plan["target_step"], sigma_rel)
         atomic_save(build_output_checkpoint(template, template_path, state, sigma_rel, plan, j), out_path)
         print(f"sigma_rel {sigma_rel} (gamma {sigma_rel_to_gamma(sigma_rel):.3f}): profile fit error "
               f"{plan['fit_errors'][j]:.2e} -> {out_path}")
+        if plan["fit_errors"][j] > FIT_WARNING:
+            print(f"warning: sigma_rel {sigma_rel} is reconstructed with a {plan['fit_errors'][j]:.1%} profile error; "
+                  "lengths far from the tracked ones need denser snapshots (--posthoc-ema-every)")
 
 
 def parse_args(argv=None):

@@ -327,7 +327,7 @@ def test_cli_writes_generate_checkpoint_from_template(tmp_path, capsys):
     assert all(torch.allclose(written["ema"][n], snapshot["ema"][1][n], rtol=0, atol=1e-6) for n in names)
 
     # user errors: one line naming the flag
-    with pytest.raises(pe.PosthocEMAError, match=r"has no \{sigma_rel\}"):
+    with pytest.raises(pe.PosthocEMAError, match=r"one file for 2 --sigma-rel values"):
         pe.main(["--exp-dir", exp, "--sigma-rel", "0.07", "0.08", "--out", str(tmp_path / "x.pt")])
     other = {**template, "ema": {"fc1.weight": torch.zeros(3, 3)}}
     torch.save(other, str(tmp_path / "other.pt"))
