@@ -342,3 +342,48 @@ def test_cli_error_is_one_line(tmp_path):
                              "--sigma-rel", "0.07"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("posthoc_ema.py: error: no post-hoc EMA")
+
+
+def test_generate_samples_from_the_reconstruction(tmp_path):
+    """A tiny SiT's run: generate.py reads the tool's checkpoint and samples from its "ema" (the
+    images equal those of a checkpoint holding the reconstruction by hand, not the template's)."""
+    import generate
+    from models import SiT
+
+    kwargs = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+                  num_classes=4, encoder_depth=1)
+    exp = str(tmp_path / "exp")
+    torch.manual_seed(6)
+    model = SiT(**kwargs)
+    params = [p for p in model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    tracker = pe.PowerFunctionEMA(params)
+    with torch.no_grad():
+        for step in range(1, 31):  # a parameter random walk standing in for training
+            for p in params:
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+            tracker.update(params, step)
+            if step % 10 == 0:
+                pe.save_snapshot(exp, step, names, tracker)
+    template = {"model": model.state_dict(), "ema": model.state_dict(), "opt": {},
+                "args": argparse.Namespace(model_kwargs=dict(kwargs)), "steps": 30}
+    torch.save(template, os.path.join(tmp_path, "template.pt"))
+    out = str(tmp_path / "phema.pt")
+    pe.main(["--exp-dir", exp, "--sigma-rel", "0.08", "--template", str(tmp_path / "template.pt"), "--out", out])
+    by_hand = {**template, "ema": {**template["ema"], **pe.reconstruct(
+        [p for _, p in pe.list_step_files(os.path.join(exp, "posthoc-ema"))], 0.08)}}
+    torch.save(by_hand, str(tmp_path / "by_hand.pt"))
+
+    def sample(ckpt):
+        argv = ["--ckpt", ckpt, "--vae", "none", "--resolution", "8", "--num-fid-samples", "4",
+                "--per-proc-batch-size", "4", "--sample_dir", str(tmp_path / ("samples-" + os.path.basename(ckpt))),
+                "--mode", "ode", "--num-steps", "3", "--cfg-scale", "1", "--device", "cpu"]
+        folder = generate.main(generate.parse_args(argv))
+        with np.load(folder + ".npz") as f:
+            return f["arr_0"]
+
+    images = sample(out)
+    assert images.shape == (4, 8, 8, 3)
+    np.testing.assert_array_equal(images, sample(str(tmp_path / "by_hand.pt")))
+    assert np.abs(images.astype(int) - sample(str(tmp_path / "template.pt"))).max() > 0
