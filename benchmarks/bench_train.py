@@ -9,21 +9,26 @@ speed ratios.
 
 Paths:
   ours       one batch of 2B through blocks 1..encoder_depth, vectorised crop, SDPA attention,
-             fused AdamW, one ``torch._foreach_lerp_`` for the EMA (``--compile`` compiles it).
-  reference  the authors' structure (benchmarks/reference_paths.py): probe as a second pass,
-             crop by a Python loop over the batch, manual attention, torch's default AdamW, an
-             EMA loop over parameters; always eager.
+             fused AdamW, one ``torch._foreach_lerp_`` for the EMA (``--compile`` compiles it;
+             ``--gelu-epilogue``, ``--fused-norm-modulate``, ``--fp8`` apply models/fused.py).
+  reference  the authors' train.py defaults (benchmarks/reference_paths.AUTHORS_TRAINING): probe
+             as a second pass, crop by a Python loop over the batch, SDPA attention, fp16 autocast
+             with a GradScaler, torch's default AdamW, an EMA loop over parameters; always eager.
+             ``--reference-attention manual --reference-precision bf16`` gives the reference used
+             for the README figures measured before 2026-11-23.
 
 Paths are timed interleaved (ABBA order over repetitions, medians) because other processes share
 the machine; CUDA is synchronised only around each timed group of steps.
 
   python benchmarks/bench_train.py --model SiT-B/2 --compare                 # CUDA, batch 64, bf16
   python benchmarks/bench_train.py --model SiT-XL/2 --levers                 # one lever at a time
+  python benchmarks/bench_train.py --model SiT-XL/2 --compile --levers gelu-epilogue,fused-norm,cudagraphs
   python benchmarks/bench_train.py --device cpu --precision fp32 --batch-size 2 --compare
 
 Results are appended to ``benchmarks/results/train_<device>.json`` (``--results-dir``).
 """
 import argparse
+import copy
 import ctypes
 import datetime
 import json
@@ -42,13 +47,17 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.reference_paths import ReferenceForward, attention_kind, loop_ema_update  # noqa: E402
+from benchmarks.reference_paths import AUTHORS_TRAINING, ReferenceForward, attention_kind, \
+    loop_ema_update  # noqa: E402
 from loss import LSEPLoss  # noqa: E402
 from models import SiT_models  # noqa: E402
+from models.fused import apply_speed_levers, persistent_compile_cache  # noqa: E402
 from models.flops import SiTFlopsConfig, mfu, peak_flops, train_step_flops  # noqa: E402
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-LEVERS = ("probe", "crop", "attention", "precision", "compile", "compile-mode", "optimizer", "ema")
+LEVERS = ("probe", "crop", "attention", "precision", "compile", "compile-mode", "optimizer", "ema",
+          "gelu-epilogue", "fused-norm", "fp8", "cudagraphs", "all", "all-fp8")
+CUDA_ONLY_LEVERS = ("fused-norm", "fp8", "cudagraphs", "all", "all-fp8")  # Triton, FP8 tensor cores, graphs
 
 
 @dataclass(frozen=True)
@@ -63,12 +72,20 @@ class Variant:
     compile_mode: str = "default"  # torch.compile mode when compile is on
     optimizer: str = "fused"      # fused | foreach | for-loop | default (torch picks)
     ema: str = "foreach-lerp"     # foreach-lerp | foreach-mul-add | loop
+    gelu_epilogue: bool = False   # models/fused.py levers, applied to a copy sharing the Parameters
+    fused_norm: bool = False
+    fp8: bool = False
+
+    @property
+    def model_levers(self):
+        return dict(gelu_epilogue=self.gelu_epilogue, fused_norm_modulate=self.fused_norm, fp8=self.fp8)
 
 
 def ours_and_reference(args):
-    ours = Variant("ours", precision=args.precision, compile=args.compile, compile_mode=args.compile_mode)
-    reference = Variant("reference", probe="two-pass", crop="loop", attention="manual",
-                        precision=args.precision, compile=False, optimizer="default", ema="loop")
+    ours = Variant("ours", precision=args.precision, compile=args.compile, compile_mode=args.compile_mode,
+                   gelu_epilogue=args.gelu_epilogue, fused_norm=args.fused_norm_modulate, fp8=args.fp8)
+    reference = Variant("reference", **{**AUTHORS_TRAINING, "attention": args.reference_attention,
+                                        "precision": args.reference_precision})
     return ours, reference
 
 
@@ -98,7 +115,35 @@ def lever_variants(base, names):
         for kind in ("foreach-lerp", "foreach-mul-add", "loop"):
             if kind != base.ema:
                 out.append(("ema", replace(base, name=f"{kind} EMA", ema=kind)))
+    if "gelu-epilogue" in names:  # fc1 + GELU as one cuBLASLt GEMM, pre-activation recomputed in backward
+        flip = not base.gelu_epilogue
+        out.append(("gelu-epilogue", replace(base, name=f"gelu epilogue {'on' if flip else 'off'}",
+                                             gelu_epilogue=flip, fp8=base.fp8 and not flip)))
+    if "fused-norm" in names:  # Triton LayerNorm+modulate and gate+residual
+        flip = not base.fused_norm
+        out.append(("fused-norm", replace(base, name=f"fused norm {'on' if flip else 'off'}", fused_norm=flip)))
+    if "fp8" in names:  # torchao float8 for the block matmuls (not equal numerics)
+        flip = not base.fp8
+        out.append(("fp8", replace(base, name=f"fp8 {'on' if flip else 'off'}", fp8=flip,
+                                   gelu_epilogue=base.gelu_epilogue and not flip)))
+    cudagraphs = dict(compile=True, compile_mode="max-autotune" if "max-autotune" in base.compile_mode
+                      else "reduce-overhead")
+    if "cudagraphs" in names:  # the compiled forward and backward replayed as CUDA graphs
+        out.append(("cudagraphs", replace(base, name=f"compile {cudagraphs['compile_mode']}", **cudagraphs)))
+    if "all" in names:  # every equal-numerics lever together
+        out.append(("all", replace(base, name="gelu+norm+cudagraphs", gelu_epilogue=True, fused_norm=True,
+                                   fp8=False, **cudagraphs)))
+    if "all-fp8" in names:
+        out.append(("all-fp8", replace(base, name="fp8+norm+cudagraphs", gelu_epilogue=False, fused_norm=True,
+                                       fp8=True, **cudagraphs)))
     return out
+
+
+def shared_copy(model):
+    """A copy of ``model``'s modules holding the very same Parameters and buffers (no extra memory),
+    so levers that swap submodules can be timed against the unchanged model on the same weights."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 #################################################################################
@@ -117,6 +162,8 @@ class StepRunner:
     """Holds one variant's forward, optimizer and scaler; ``step`` runs one training step."""
 
     def __init__(self, variant, model, ema_params, loss_fn, device, clip_grad=1.0, decay=0.9999):
+        if any(variant.model_levers.values()):
+            model = apply_speed_levers(shared_copy(model), **variant.model_levers)
         self.variant, self.model, self.loss_fn, self.device = variant, model, loss_fn, device
         self.clip_grad, self.decay = clip_grad, decay
         if variant.probe == "one-batch":
@@ -349,7 +396,19 @@ def parse_args(argv=None):
                    help="TF32 matmuls for fp32 (the recipe's --allow-tf32); sets the fp32 peak used for MFU")
     p.add_argument("--compile", action="store_true", help="torch.compile our path (the reference stays eager)")
     p.add_argument("--compile-mode", default="default",
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="reduce-overhead and max-autotune also replay the step's graphs as CUDA graphs")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="keep inductor's compiled graphs and autotuning results in DIR (reused by later runs)")
+    p.add_argument("--gelu-epilogue", action="store_true", help="ours: fc1 + GELU as one GEMM (models/fused.py)")
+    p.add_argument("--fused-norm-modulate", action="store_true",
+                   help="ours: Triton LayerNorm+modulate and gate+residual kernels (models/fused.py)")
+    p.add_argument("--fp8", action="store_true", help="ours: torchao float8 block matmuls (sm89+ GPUs)")
+    p.add_argument("--reference-attention", default="sdpa", choices=["sdpa", "manual"],
+                   help="reference attention (sdpa: the authors' train.py default)")
+    p.add_argument("--reference-precision", default=None, choices=sorted(AMP_DTYPES),
+                   help="reference autocast dtype (default: fp16 + GradScaler on CUDA, the authors' default; "
+                        "--precision on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compare", action="store_true", help="also time the reference path, interleaved")
     p.add_argument("--levers", nargs="?", const="all", default=None,
@@ -372,6 +431,9 @@ def parse_args(argv=None):
     args.model = args.model or (["SiT-B/2", "SiT-XL/2"] if cuda else ["SiT-B/2"])
     args.batch_size = args.batch_size or (64 if cuda else 4)
     args.precision = args.precision or ("bf16" if cuda else "fp32")
+    args.reference_precision = args.reference_precision or ("fp16" if cuda else args.precision)
+    if args.gelu_epilogue and args.fp8:
+        p.error("--gelu-epilogue and --fp8 both replace mlp.fc1; choose one")
     args.warmup = 3 if args.warmup is None and cuda else (1 if args.warmup is None else args.warmup)
     args.reps = args.reps or (5 if cuda else 3)
     args.steps_per_rep = args.steps_per_rep or (5 if cuda else 1)
@@ -380,8 +442,8 @@ def parse_args(argv=None):
         unknown = set(names) - set(LEVERS)
         if unknown:
             p.error(f"--levers: unknown {sorted(unknown)}; choose from {','.join(LEVERS)}")
-        if args.levers == "all" and not cuda:
-            names = tuple(n for n in names if not n.startswith("compile"))  # inductor on 2 CPU cores: minutes
+        if args.levers == "all" and not cuda:  # inductor on 2 CPU cores: minutes; the rest needs a GPU
+            names = tuple(n for n in names if not n.startswith("compile") and n not in CUDA_ONLY_LEVERS)
         args.lever_names = names
     if args.resolution % 8:
         p.error(f"--resolution {args.resolution} must be a multiple of 8 (the VAE's downsampling)")
@@ -394,6 +456,8 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile_cache:
+        persistent_compile_cache(args.compile_cache)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
         torch.backends.cudnn.allow_tf32 = args.allow_tf32
@@ -425,11 +489,14 @@ def bench_model(args, model_name, device, command):
     name = device_name(device)
     cfg = SiTFlopsConfig.from_model(model)
     flops_per_step = train_step_flops(cfg, args.batch_size, probe=True)
-    peak = None
-    if args.peak_tflops:
-        peak = args.peak_tflops * 1e12
-    elif device.type == "cuda":
-        peak = peak_flops(name, args.precision, tf32=args.allow_tf32)
+
+    def peak_of(variant):  # fp8 variants too are measured against the bf16 peak: same model FLOPs
+        if args.peak_tflops:
+            return args.peak_tflops * 1e12
+        return peak_flops(name, variant.precision, tf32=args.allow_tf32) if device.type == "cuda" else None
+
+    ours, reference = ours_and_reference(args)
+    peak = peak_of(ours)
     memory_label = "peak alloc" if device.type == "cuda" else "RSS delta"
     timing = dict(warmup=args.warmup, reps=args.reps, steps_per_rep=args.steps_per_rep)
     print(f"\n{model_name} {args.resolution}px batch {args.batch_size} {args.precision} compile={args.compile} "
@@ -440,10 +507,14 @@ def bench_model(args, model_name, device, command):
     def runner(variant):
         return StepRunner(variant, model, ema_params, loss_fn, device)
 
-    ours, reference = ours_and_reference(args)
+    if args.compare:
+        ref = ", ".join(f"{k}={getattr(reference, k)}" for k in ("probe", "crop", "attention", "precision",
+                                                                  "optimizer", "ema"))
+        print(f"reference: the authors' training structure and settings, eager: {ref}")
     runners = [runner(ours)] + ([runner(reference)] if args.compare else [])
     stats = time_interleaved(runners, x, y, device, **timing)
-    rows = [summarise(r.variant, stats[r.variant.name], args.batch_size, flops_per_step, peak) for r in runners]
+    rows = [summarise(r.variant, stats[r.variant.name], args.batch_size, flops_per_step, peak_of(r.variant))
+            for r in runners]
     print_table("Training step", rows, memory_label)
     ratio = speed_ratio(rows[0], rows[1]) if args.compare else None
     if ratio is not None:
@@ -456,8 +527,8 @@ def bench_model(args, model_name, device, command):
         for lever, variant in lever_variants(ours, args.lever_names):
             other = runner(variant)
             lever_stats = time_interleaved([base, other], x, y, device, **timing)
-            base_row, row = (summarise(r.variant, lever_stats[r.variant.name], args.batch_size, flops_per_step, peak)
-                             for r in (base, other))
+            base_row, row = (summarise(r.variant, lever_stats[r.variant.name], args.batch_size, flops_per_step,
+                                       peak_of(r.variant)) for r in (base, other))
             paired = speed_ratio(base_row, row)
             delta = None if paired is None else paired - 1
             levers.append(dict(lever=lever, baseline=base_row, variant=row, step_time_delta=delta))
@@ -465,12 +536,13 @@ def bench_model(args, model_name, device, command):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         print("\nLevers (one change against ours; delta = median paired change in step time, + is slower)")
-        print(f"{'lever':<10} {'variant':<30} {'ours ms':>9} {'variant ms':>10} {'delta':>8}")
+        print(f"{'lever':<14} {'variant':<30} {'ours ms':>9} {'variant ms':>10} {'delta':>8} {'MFU':>6}")
         for item in levers:
             b, v = item["baseline"], item["variant"]
             delta = "OOM" if v.get("error") else f"{100 * item['step_time_delta']:+.1f}%"
-            print(f"{item['lever']:<10} {v['name']:<30} {b.get('step_ms', float('nan')):>9.1f} "
-                  f"{v.get('step_ms', float('nan')):>10.1f} {delta:>8}")
+            mfu_text = "n/a" if v.get("mfu") is None else f"{100 * v['mfu']:.1f}%"
+            print(f"{item['lever']:<14} {v['name']:<30} {b.get('step_ms', float('nan')):>9.1f} "
+                  f"{v.get('step_ms', float('nan')):>10.1f} {delta:>8} {mfu_text:>6}")
 
     slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
     path = os.path.join(args.results_dir, f"train_{slug}.json")
@@ -482,6 +554,8 @@ def bench_model(args, model_name, device, command):
         batch_size=args.batch_size, precision=args.precision, compile=args.compile, allow_tf32=args.allow_tf32,
         timing=timing, flops_per_step=flops_per_step, flops_per_sample=flops_per_step / args.batch_size,
         peak_flops=peak, memory=memory_label, paths=rows, ours_speedup_vs_reference=ratio, levers=levers,
+        compile_cache=args.compile_cache,
+        cudagraph_skips=torch._dynamo.utils.counters["inductor"]["cudagraph_skips"],  # >0: a graph ran eagerly
     )
     append_json(path, record)
     print(f"\nappended to {path}")

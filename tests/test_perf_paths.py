@@ -189,7 +189,7 @@ def test_bench_train_smoke(tmp_path):
     try:  # one thread: two OpenMP threads on a busy 2-core machine are many times slower
         records = bench_train.main([
             "--device", "cpu", "--model", "SiT-S/4", "--resolution", "64", "--crop-start", "1",
-            "--batch-size", "2", "--warmup", "1", "--reps", "2", "--compare", "--levers", "ema",
+            "--batch-size", "2", "--warmup", "1", "--reps", "2", "--compare", "--levers", "ema,gelu-epilogue",
             "--threads", "1", "--results-dir", str(tmp_path),
         ])
     finally:
@@ -201,7 +201,9 @@ def test_bench_train_smoke(tmp_path):
     assert ours["name"] == "ours" and reference["name"] == "reference" and ours["mfu"] is None
     assert ours["step_ms"] > 0 and reference["step_ms"] > 0 and record["ours_speedup_vs_reference"] > 0
     assert record["flops_per_step"] == train_step_flops(SiTFlopsConfig.from_name("SiT-S/4", 64), 2)
-    assert [item["variant"]["name"] for item in record["levers"]] == ["foreach-mul-add EMA", "loop EMA"]
+    assert [item["variant"]["name"] for item in record["levers"]] == ["foreach-mul-add EMA", "loop EMA",
+                                                                       "gelu epilogue on"]
+    assert reference["variant"]["attention"] == "sdpa" and reference["variant"]["precision"] == "fp32"
     assert record["torch"] == torch.__version__ and record["command"].startswith("benchmarks/bench_train.py")
 
 
@@ -248,3 +250,46 @@ def test_profile_train_phases_and_kernel_kinds_on_cpu(tmp_path):
     assert kinds["optimizer"] > 0  # aten::_fused_adamw_ and the EMA's lerp_
     assert isinstance(attention["ms"]["MATH"], float) and attention["shape"] == [4, 6, 1, 64]
     assert json.loads((tmp_path / "profile.json").read_text())["phases_ms"] == phases
+
+
+def test_reference_variant_follows_the_authors_training_defaults():
+    from benchmarks.bench_train import ours_and_reference, parse_args
+
+    # JN-Yun/LSEP train.py: --fused-attn True, --mixed-precision fp16 (accelerate: autocast + GradScaler),
+    # default AdamW, per-parameter EMA, probe as a second pass, crop by a loop over the batch.
+    _, reference = ours_and_reference(parse_args(["--device", "cuda"]))
+    assert (reference.probe, reference.crop, reference.attention, reference.precision, reference.optimizer,
+            reference.ema, reference.compile) == ("two-pass", "loop", "sdpa", "fp16", "default", "loop", False)
+    ours, old = ours_and_reference(parse_args(["--device", "cuda", "--reference-attention", "manual",
+                                               "--reference-precision", "bf16"]))
+    assert (old.attention, old.precision, ours.precision) == ("manual", "bf16", "bf16")  # the pre-fix reference
+    _, cpu_reference = ours_and_reference(parse_args(["--device", "cpu"]))
+    assert cpu_reference.precision == "fp32"  # no fp16 GEMMs worth timing on a CPU
+    assert ReferenceForward(tiny()).attention == "sdpa"
+
+
+def test_speed_lever_variants_and_runner_keep_the_base_model():
+    from benchmarks.bench_train import StepRunner, Variant, lever_variants
+    from models.fused import GeluEpilogueLinear
+
+    base = Variant("ours", compile=True, fp8=True)
+    flipped = dict(lever_variants(base, ("gelu-epilogue", "fp8", "cudagraphs", "all", "all-fp8")))
+    assert flipped["gelu-epilogue"].gelu_epilogue and not flipped["gelu-epilogue"].fp8  # both claim fc1
+    assert not flipped["fp8"].fp8
+    assert (flipped["cudagraphs"].compile, flipped["cudagraphs"].compile_mode) == (True, "reduce-overhead")
+    assert flipped["all"].model_levers == dict(gelu_epilogue=True, fused_norm_modulate=True, fp8=False)
+    assert flipped["all-fp8"].model_levers == dict(gelu_epilogue=False, fused_norm_modulate=True, fp8=True)
+    assert flipped["all"].compile_mode == flipped["all-fp8"].compile_mode == "reduce-overhead"
+
+    model = tiny().train()
+    loss_fn = LSEPLoss(weights_type="steps", weight_start=0.0225, weight_end=0.03, n_weights=10)
+    ema = [p.detach().clone() for p in model.parameters()]
+    runner = StepRunner(Variant("gelu", precision="fp32", optimizer="foreach", gelu_epilogue=True), model, ema,
+                        loss_fn, torch.device("cpu"))
+    assert runner.model is not model and type(model.blocks[0].mlp.fc1) is torch.nn.Linear
+    assert isinstance(runner.model.blocks[0].mlp.fc1, GeluEpilogueLinear)
+    assert all(a is b for a, b in zip(runner.model.parameters(), model.parameters()))
+    x, _, y = inputs(4)
+    before = [p.detach().clone() for p in model.parameters()]
+    runner.step(x, y)  # trains the shared weights
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
