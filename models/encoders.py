@@ -29,6 +29,7 @@ The encoder is frozen: eval mode for good, ``requires_grad=False``, forward unde
 and under autocast in ``amp_dtype`` (bf16 when training runs in mixed precision) if given.
 """
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 
@@ -211,14 +212,19 @@ def read_state_dict(path):
         from safetensors.torch import load_file
         return load_file(path)
     if _is_torchscript(path):  # OpenAI's CLIP releases are TorchScript archives
-        return torch.jit.load(path, map_location="cpu").state_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            return torch.jit.load(path, map_location="cpu").state_dict()
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (pickle error types vary across torch versions)
-        if "weights_only" not in str(exc) and "Unsupported" not in str(exc):
-            raise EncoderWeightsError(f"{path} is not a readable weights file ({exc})") from exc
-        # The file the user named holds extra Python objects (e.g. argparse.Namespace in MAE's).
+    except Exception:  # noqa: BLE001  (error types vary across torch versions)
+        pass
+    try:  # the file the user named holds Python objects besides tensors (e.g. argparse.Namespace in MAE's)
         return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise EncoderWeightsError(f"{path} is not a readable weights file ({type(exc).__name__}: {first}); "
+                                  "pass the official .pth / .pth.tar / .safetensors file") from None
 
 
 def _strip_mocov3(sd):
@@ -341,8 +347,11 @@ class Encoder(nn.Module):
     @torch.no_grad()
     def forward(self, images):
         x = self.preprocess(images)
-        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        if self.amp_dtype is None:
             tokens = self.vit.forward_features(x)
+        else:
+            with torch.autocast(x.device.type, dtype=self.amp_dtype):
+                tokens = self.vit.forward_features(x)
         return tokens[:, self.num_prefix_tokens:]
 
 

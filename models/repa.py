@@ -76,13 +76,18 @@ def alignment_loss(projected, targets, proj_coeff=0.5):
 def check_token_grid(encoders, sit_tokens, model_name="--model", resolution=None):
     """Start-up check: REPA aligns token by token, so every encoder's patch grid must equal the
     SiT's (16x16 at 256 px: SiT-*/2 on 32x32 latents, encoders at 224 px with patch 14 or 256 px
-    with patch 16). ``encoders``: objects with ``name`` and ``num_tokens`` (``models.encoders.Encoder``)."""
+    with patch 16). ``encoders``: ``--enc-type`` names (with ``resolution``; checkable before any
+    weights load) or built ``models.encoders.Encoder`` objects."""
+    from models.encoders import ENCODERS, encoder_grid
+
     for enc in encoders:
-        if enc.num_tokens != sit_tokens:
-            side, sit_side = math.isqrt(enc.num_tokens), math.isqrt(sit_tokens)
+        name = enc if isinstance(enc, str) else enc.name
+        tokens = encoder_grid(ENCODERS[name], resolution) ** 2 if isinstance(enc, str) else enc.num_tokens
+        if tokens != sit_tokens:
+            side, sit_side = math.isqrt(tokens), math.isqrt(sit_tokens)
             res = f" at --resolution {resolution}" if resolution else ""
             raise ValueError(
-                f"--enc-type {enc.name} gives {side}x{side} patch tokens{res} but --model {model_name} has "
+                f"--enc-type {name} gives {side}x{side} patch tokens{res} but --model {model_name} has "
                 f"{sit_side}x{sit_side}; REPA aligns token by token: use a patch-2 model (SiT-*/2) or drop --enc-type")
 
 

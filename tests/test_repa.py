@@ -157,6 +157,10 @@ def test_grid_and_depth_checks():
     msg = str(e.value)
     assert "\n" not in msg and all(s in msg for s in ("--enc-type dinov2-vit-b", "--resolution 256",
                                                        "--model SiT-XL/4", "16x16", "8x8"))
+    check_token_grid(["dinov2-vit-b", "mae-vit-l"], 1024, "SiT-XL/2", 512)  # names, before any weights load
+    with pytest.raises(ValueError, match="--enc-type clip-vit-L gives 32x32 patch tokens at --resolution 512 "
+                                         "but --model SiT-B/4 has 16x16"):
+        check_token_grid(["clip-vit-L"], 256, "SiT-B/4", 512)
     check_align_depth(8, 28)
     with pytest.raises(ValueError, match="--align-depth 29 must be in"):
         check_align_depth(29, 28, "SiT-XL/2")
@@ -220,9 +224,50 @@ def _tokens_by_hand(vit, x, final_norm=True):
     return h[:, vit.num_prefix_tokens:]
 
 
+class _Archive(nn.Module):
+    """A TorchScript-able module holding a flat state dict (OpenAI ships CLIP as TorchScript)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _save_openai_clip(vit, path):
+    """timm CLIP weights -> OpenAI's key layout (visual.*, fp16, plus text-tower keys) in a TorchScript file."""
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.copy_(p.half().float())  # OpenAI's weights are float16
+    swaps = [("blocks.", "transformer.resblocks."), ("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.qkv.weight",
+             "attn.in_proj_weight"), ("attn.qkv.bias", "attn.in_proj_bias"), ("attn.proj", "attn.out_proj"),
+             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"), ("patch_embed.proj", "conv1"), ("norm_pre", "ln_pre")]
+    state = {"logit_scale": torch.ones(()), "token_embedding.weight": torch.zeros(5, 4).half(),
+             "visual.proj": torch.randn(vit.embed_dim, 8).half()}
+    for k, v in vit.state_dict().items():
+        if k == "cls_token":
+            k, v = "class_embedding", v.reshape(-1)
+        elif k == "pos_embed":
+            k, v = "positional_embedding", v[0]
+        elif k.startswith("norm."):
+            k = k.replace("norm.", "ln_post.")
+        for a, b in swaps:
+            k = k.replace(a, b)
+        state[f"visual.{k}"] = v.half()
+    root = _Archive()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        module = root
+        for part in parents:
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        module.register_buffer(leaf, value)
+    torch.jit.script(root).save(path)
+
+
 def _save_official(name, vit, path):
     """The tiny model's weights in the layout of the encoder's official release."""
     sd = {k: v.clone() for k, v in vit.state_dict().items()}
+    if name.startswith("clip"):
+        return _save_openai_clip(vit, path)
     if name.startswith("dinov2"):
         sd["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])  # torch.hub DINOv2 files carry it
     elif name.startswith("mocov3"):
@@ -302,6 +347,10 @@ def test_missing_weights_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(enc.EncoderWeightsError) as e:
         enc.load_encoders(f"jepa-vit-h={tmp_path / 'mae.pth'}", 32, **TINY)
     assert "\n" not in str(e.value) and "IN1K-vit.h.14-300e" in str(e.value)
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 truncated download")
+    with pytest.raises(enc.EncoderWeightsError, match="is not a readable weights file") as e:
+        enc.load_encoders(f"dinov2-vit-b={tmp_path / 'cut.pth'}", 32, **TINY)
+    assert "\n" not in str(e.value)
 
 
 def test_parse_enc_type():
