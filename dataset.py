@@ -20,6 +20,9 @@ IMAGES_DIR, LATENTS_DIR = "images", "vae-sd"
 CONVERT_HINT = ("python preprocessing/dataset_tools.py convert --source IMAGENET/train --dest {d}/images "
                 "--resolution 256x256 --transform center-crop-dhariwal")
 ENCODE_HINT = "python preprocessing/dataset_tools.py encode --source {d}/images --dest {d}/vae-sd"
+IMAGE_FIX = "restore {what} from a good copy, or re-run convert into a new folder: " + CONVERT_HINT
+LATENT_FIX = "delete it and re-run encode, which rewrites only missing files: " + ENCODE_HINT
+PNG_COLOUR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}
 _HEADER_BYTES = 4096  # a .npy header is at most this long for any 3-D shape
 
 
@@ -79,11 +82,29 @@ def _npy_header(store, name):
     return tuple(shape), dtype, fortran, f.tell()
 
 
+def _png_header(store, name):
+    """(width, height, bit depth, colour type) from a PNG's IHDR chunk, or None if it does not start like a PNG."""
+    head = store.read_prefix(name, 26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"), head[24], head[25]
+
+
+def dataset_error_line(exc):
+    """The one-line message of `exc`, also after a DataLoader worker re-raised it: the worker's copy
+    carries the whole traceback as its message, whose last line is '<module>.<Class>: <message>'."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    head, sep, message = lines[-1].partition(": ")
+    return message if sep and head.rsplit(".", 1)[-1] == type(exc).__name__ else lines[-1]
+
+
 def _png_size(store, name):
     """(width, height) of an image from its header (PNG) or via PIL for other formats."""
-    head = store.read_prefix(name, 24)
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    header = _png_header(store, name)
+    if header is not None:
+        return header[:2]
     import PIL.Image
 
     with PIL.Image.open(io.BytesIO(store.read(name))) as img:
@@ -103,6 +124,9 @@ class CustomDataset(torch.utils.data.Dataset):
     check_all_headers: parse every .npy header at start-up (one small read per file, minutes for
         1.28M files). By default the first and last headers are parsed and every file's size is
         checked against them, and each read compares the file's header bytes (a memcmp).
+        Images that will be read (pixel mode, return_images): the PNG header (size, 8-bit RGB) of
+        the first image and of every image whose byte size differs from it is read at start-up
+        (convert's uncompressed PNGs all share one byte size), of all of them with check_all_headers.
 
     Attributes: labels (np.int64 [N]), num_classes, class_names (or None), resolution (image side in
     pixels), image_shape (3,H,W) and latent_shape (2C,h,w) (None when that part is absent),
@@ -142,6 +166,8 @@ class CustomDataset(torch.utils.data.Dataset):
             w, h = _png_size(self._images, self.image_files[0])
             self.image_shape = (3, h, w)
             self.labels = image_labels
+            if needs_images:
+                self._check_images(check_all_headers)
         if mode == "latent":
             self.latent_files, self.labels, names = _read_labels(self._latents, LATENT_SUFFIXES, encode_fix)
             self.class_names = names if names is not None else self.class_names
@@ -187,6 +213,25 @@ class CustomDataset(torch.utils.data.Dataset):
                 f"{shape}); re-run the same encode command, it rewrites them: {ENCODE_HINT.format(d=self.data_dir)}"
             )
 
+    def _check_images(self, check_all_headers):
+        """PNG headers (IHDR) agree with the first image's size and are 8-bit RGB; see the class docstring."""
+        sizes, first = self._images.sizes, self.image_files[0]
+        bad = []
+        for name in self.image_files:
+            if not name.lower().endswith(".png") or (name != first and sizes[name] == sizes[first]
+                                                     and not check_all_headers):
+                continue
+            header = _png_header(self._images, name)
+            if header is None:
+                bad.append(f"{self._images.full_path(name)} is not a PNG file")
+            elif header[:2] != (self.image_shape[2], self.image_shape[1]) or header[2:] != (8, 2):
+                kind = f"{header[2]}-bit {PNG_COLOUR_TYPES.get(header[3], f'colour type {header[3]}')}"
+                bad.append(f"{self._images.full_path(name)} is {header[0]}x{header[1]} {kind}")
+        if bad:
+            raise DatasetError(f"{len(bad)} bad images: {_show(bad, 2)}; expected {self.image_shape[2]}x"
+                               f"{self.image_shape[1]} 8-bit RGB PNGs like {self._images.full_path(first)}; "
+                               f"{IMAGE_FIX.format(what='them', d=self.data_dir)}")
+
     def _check_pairing(self, image_labels, fix):
         """images/ and vae-sd/ must describe the same images in the same order."""
         images, latents = self._images.path, self._latents.path
@@ -222,20 +267,29 @@ class CustomDataset(torch.utils.data.Dataset):
         import PIL.Image
 
         name = self.image_files[idx]
-        with PIL.Image.open(io.BytesIO(self._images.read(name))) as img:
-            array = np.array(img.convert("RGB") if img.mode != "RGB" else img)
-        if array.shape != self.image_shape[1:] + (3,):
-            raise DatasetError(f"{self._images.full_path(name)} is {array.shape[1]}x{array.shape[0]}, "
-                               f"expected {self.image_shape[2]}x{self.image_shape[1]} like the first image")
+        fix = IMAGE_FIX.format(what="it", d=self.data_dir)
+        try:
+            with PIL.Image.open(io.BytesIO(self._images.read(name))) as img:
+                mode, array = img.mode, np.array(img)
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error... for a damaged file
+            unknown = isinstance(e, PIL.UnidentifiedImageError)  # its text holds a BytesIO repr, not a reason
+            why = "not an image PIL can identify" if unknown else f"{type(e).__name__}: {e}"
+            raise DatasetError(f"{self._images.full_path(name)} cannot be decoded ({why}); {fix}") from None
+        if mode != "RGB" or array.shape != self.image_shape[1:] + (3,):
+            raise DatasetError(f"{self._images.full_path(name)} is a {array.shape[1]}x{array.shape[0]} {mode} image, "
+                               f"expected {self.image_shape[2]}x{self.image_shape[1]} RGB like the first image; {fix}")
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # numpy: ~8x faster than torch here
 
     def _moments(self, idx):
         name = self.latent_files[idx]
         raw = self._latents.read(name)
         header = len(self._header)
-        if raw[:header] != self._header or len(raw) != header + 4 * int(np.prod(self.latent_shape)):
-            raise DatasetError(f"{self._latents.full_path(name)} changed since start-up or differs in shape "
-                               f"from the first latent; re-run encode")
+        complete = header + 4 * int(np.prod(self.latent_shape))
+        if raw[:header] != self._header or len(raw) != complete:
+            where, fix = self._latents.full_path(name), LATENT_FIX.format(d=self.data_dir)
+            shape, dtype, _, _ = _npy_header(self._latents, name)
+            raise DatasetError(f"{where} changed since start-up: it holds {dtype} {shape} ({len(raw)} bytes), the "
+                               f"latents are float32 {self.latent_shape} ({complete} bytes); {fix}")
         return torch.from_numpy(np.frombuffer(raw, dtype="<f4", offset=header).reshape(self.latent_shape).copy())
 
     def __getitem__(self, idx):

@@ -5,10 +5,12 @@
     torchrun --nproc_per_node=8 evaluator/evaluator.py REF.npz SAMPLE.npz   # data parallel
 
 Prints the five numbers as openai/guided-diffusion's `evaluations/evaluator.py` does and
-writes them next to the sample file (SAMPLE.metrics.json, SAMPLE.metrics.txt). Both npz
+writes them to --output (default SAMPLE.metrics.json next to the sample file) and the same
+name with .txt; the output folder is checked to be writable before any work. Both npz
 files hold `arr_0`: uint8 images (N, H, W, 3); the reference's precomputed `mu`, `sigma`,
-`mu_s`, `sigma_s` are used when present. Reference activations are cached next to the
-reference (REF.inception-cache.npz). LSEP spec section 7.
+`mu_s`, `sigma_s` are used when present, and the sample's `provenance` (UTF-8 JSON in a uint8
+array, written by generate.py) is copied into the metrics JSON. Reference activations are
+cached next to the reference (REF.inception-cache.npz). LSEP spec section 7.
 """
 
 import argparse
@@ -28,6 +30,7 @@ import torch.distributed as dist
 from evaluator import EvaluatorError
 from evaluator import inception as inc
 from evaluator import metrics
+from fileio import OutputError, atomic_write, check_writable
 
 CACHE_VERSION = 1
 MIN_IMAGES = metrics.PR_NEIGHBOURHOOD + 1  # k-NN radii need k other points; covariances need 2
@@ -160,6 +163,22 @@ class NpzImages:
         self.close()
 
 
+def read_provenance(path, log=print):
+    """The dict that generate.py stored in the sample npz as `provenance` (UTF-8 JSON bytes), or None."""
+    with np.load(path) as npz:
+        if "provenance" not in npz.files:
+            return None
+        try:
+            raw = npz["provenance"]
+            if raw.dtype != np.uint8:
+                raise ValueError(f"dtype {raw.dtype}, expected uint8")
+            return json.loads(raw.tobytes().decode("utf-8"))
+        except Exception as exc:  # metadata only: the metrics stay valid without it
+            log(f"warning: {path}: 'provenance' is not UTF-8 JSON in a uint8 array ({type(exc).__name__}: {exc}); "
+                "metrics written without it")
+            return None
+
+
 def load_precomputed_stats(path):
     """ADM's precomputed mu / sigma / mu_s / sigma_s of an npz, or None if it has none."""
     with np.load(path) as npz:
@@ -212,20 +231,9 @@ def load_cache(path, key):
         return None
 
 
-def atomic_write_bytes(path, write):
-    """Call write(file) on a temporary file next to path, then move it in place."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_cache(path, key, pool, spatial):
-    atomic_write_bytes(path, lambda f: np.savez(f, key=np.array(key), pool=pool, spatial=spatial))
+    atomic_write(path, lambda f: np.savez(f, key=np.array(key), pool=pool, spatial=spatial),
+                 expected_bytes=pool.nbytes + spatial.nbytes)
 
 
 # ----------------------------------------------------------------------------
@@ -282,6 +290,7 @@ def evaluate(ref_path, sample_path, inception_weights=None, batch_size=128, devi
             say(f"note: {imgs.path} is compressed (np.savez_compressed); streaming it sequentially, "
                 f"which is slower than an np.savez file")
     ref_stats, sample_stats = load_precomputed_stats(ref_path), load_precomputed_stats(sample_path)
+    provenance = read_provenance(sample_path, say)
 
     if backend == "tf":
         graph = tf_graph or os.path.join(os.path.dirname(os.path.abspath(__file__)), inc.TF_GRAPH_FILE)
@@ -311,7 +320,7 @@ def evaluate(ref_path, sample_path, inception_weights=None, batch_size=128, devi
             try:
                 save_cache(cache, key, *ref)
                 say(f"wrote reference activation cache {cache}")
-            except OSError as exc:
+            except (OSError, OutputError) as exc:
                 say(f"warning: could not write the reference cache {cache} ({exc}); continuing without it")
 
     say("computing sample batch activations...")
@@ -334,7 +343,10 @@ def evaluate(ref_path, sample_path, inception_weights=None, batch_size=128, devi
     results.update(ref_batch=os.path.abspath(ref_path), sample_batch=os.path.abspath(sample_path),
                    num_ref=len(ref[0]), num_samples=len(smp["pool"]), backend=backend,
                    inception_weights=os.path.abspath(weights),
-                   ref_statistics="precomputed" if ref_stats is not None else "computed")
+                   ref_statistics="precomputed" if ref_stats is not None else "computed",
+                   reference={"path": os.path.abspath(ref_path), "bytes": os.path.getsize(ref_path)})
+    if provenance is not None:
+        results["samples_provenance"] = provenance
     return results
 
 
@@ -346,14 +358,28 @@ def format_results(results):
     return "\n".join(f"{label}: {results[key]}" for key, label in LABELS)
 
 
-def write_results(sample_path, results):
-    """SAMPLE.metrics.json and SAMPLE.metrics.txt next to the sample npz, each written atomically."""
-    root = sample_path[:-4] if sample_path.endswith(".npz") else sample_path
-    json_path, txt_path = root + ".metrics.json", root + ".metrics.txt"
+def default_output(sample_path):
+    """SAMPLE.metrics.json next to the sample npz."""
+    return (sample_path[:-4] if sample_path.endswith(".npz") else sample_path) + ".metrics.json"
+
+
+def text_output(json_path):
+    """The .txt twin of the metrics JSON: X.metrics.json -> X.metrics.txt."""
+    return (json_path[:-5] if json_path.endswith(".json") else json_path) + ".txt"
+
+
+def check_output(json_path):
+    """Prove the metrics can be written before computing them (a read-only sample folder fails here)."""
+    check_writable(os.path.dirname(os.path.abspath(json_path)), "--output PATH.json")
+
+
+def write_results(json_path, results):
+    """The metrics as JSON at json_path and as text next to it (text_output), each written atomically."""
+    txt_path = text_output(json_path)
     text = (f"ref_batch: {results['ref_batch']}\nsample_batch: {results['sample_batch']}\n"
             f"{format_results(results)}\n")
-    atomic_write_bytes(json_path, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
-    atomic_write_bytes(txt_path, lambda f: f.write(text.encode()))
+    atomic_write(json_path, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
+    atomic_write(txt_path, lambda f: f.write(text.encode()))
     return json_path, txt_path
 
 
@@ -369,6 +395,8 @@ def parse_args(argv=None):
                         help="torch: torch-fidelity's port (default); tf: ADM's graph (needs tensorflow)")
     parser.add_argument("--tf-graph", default=None, help=f"{inc.TF_GRAPH_FILE} for --backend tf")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write REF.inception-cache.npz")
+    parser.add_argument("--output", default=None, metavar="PATH.json",
+                        help="metrics JSON (a .txt twin is written beside it); default SAMPLE.metrics.json")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -381,19 +409,21 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    output = args.output or default_output(args.sample_batch)
     try:
+        check_output(output)
         results = evaluate(args.ref_batch, args.sample_batch, args.inception_weights, args.batch_size, args.device,
                            args.backend, args.tf_graph, use_cache=not args.no_cache)
-    except EvaluatorError as exc:
+        if results is not None:
+            print(format_results(results))
+            json_path, txt_path = write_results(output, results)
+            print(f"wrote {json_path} and {txt_path}")
+    except (EvaluatorError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if results is not None:
-        print(format_results(results))
-        json_path, txt_path = write_results(args.sample_batch, results)
-        print(f"wrote {json_path} and {txt_path}")
     return 0
 
 

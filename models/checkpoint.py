@@ -24,20 +24,12 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """torch.save via fileio.atomic_write: temporary `.tmp-<host>-<pid>-<name>`, fsync, rename over
+    ``path``. A crash leaves the previous file intact; a full disk raises fileio.DiskFull (one line)."""
+    from fileio import atomic_write, payload_bytes
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: torch.save(obj, f), expected_bytes=payload_bytes(obj))
 
 
 def load_checkpoint_file(path):

@@ -3,7 +3,8 @@
 Output: `00000/img00000000.png`, ... in sorted source order (skipped files leave no gap) and
 `dataset.json` with `{"labels": [[png_path, class_index], ...], "class_names": [...]}`; class
 index = position of the image's top-level folder among the sorted folder names. Unreadable
-images are skipped and listed in `<dest>.skipped.txt`, next to the output.
+images are skipped and listed in `<dest>.skipped.txt`, next to the output; when none can be read,
+nothing is left at `dest` and DatasetError says so.
 """
 import io
 import json
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import PIL.Image
 from tqdm import tqdm
 
+from fileio import check_writable
 from preprocessing.storage import LABELS_FILE, DatasetError, FileStore, image_name
 from preprocessing.transforms import decode_rgb, make_transform
 
@@ -98,13 +100,14 @@ class _Dest:
         self.dest = dest
         self.is_zip = dest.lower().endswith(".zip")
         if self.is_zip:
-            os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+            check_writable(os.path.dirname(os.path.abspath(dest)), "--dest")
             self._tmp = dest + ".incomplete"
             self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED)
         else:
             if os.path.isdir(dest) and os.listdir(dest):
                 raise DatasetError(f"--dest {dest} exists and is not empty; remove it or choose another folder")
-            os.makedirs(dest, exist_ok=True)
+            self._created = not os.path.isdir(dest)
+            check_writable(dest, "--dest")
             self._made = set()
 
     def write(self, name, data):
@@ -123,6 +126,19 @@ class _Dest:
             self._zip.close()
             os.replace(self._tmp, self.dest)
 
+    def discard(self):
+        """Remove what was written (nothing may look like a finished dataset)."""
+        if self.is_zip:
+            self._zip.close()
+            os.remove(self._tmp)
+            return
+        for folder in sorted(self._made, reverse=True):
+            for name in os.listdir(folder):
+                os.remove(os.path.join(folder, name))
+            os.rmdir(folder)
+        if self._created:
+            os.rmdir(self.dest)
+
 
 def convert_dataset(source, dest, resolution=(256, 256), transform="center-crop-dhariwal",
                     max_images=None, workers=None, progress=True) -> ConvertSummary:
@@ -135,7 +151,11 @@ def convert_dataset(source, dest, resolution=(256, 256), transform="center-crop-
     if not dest:
         raise DatasetError("--dest must not be empty")
     make_transform(transform, *resolution)  # flag errors before any work
-    store = FileStore(source)
+    try:
+        store = FileStore(source)
+    except (FileNotFoundError, ValueError) as e:
+        raise DatasetError(f"--source: {e} (expected a folder with one subfolder per class, or a .zip of one)"
+                           ) from None
     names, labels, class_names = list_source(store)
     if max_images is not None:
         names = names[:max_images]
@@ -160,8 +180,15 @@ def convert_dataset(source, dest, resolution=(256, 256), transform="center-crop-
             out_name = image_name(len(entries))
             out.write(out_name, png)
             entries.append([out_name, labels[name]])
-        out.write(LABELS_FILE, json.dumps({"labels": entries, "class_names": class_names}).encode())
-        out.close()
+        if entries:
+            out.write(LABELS_FILE, json.dumps({"labels": entries, "class_names": class_names}).encode())
+            out.close()
+        else:
+            out.discard()
+    except BaseException:
+        if out.is_zip and os.path.exists(out._tmp):
+            os.remove(out._tmp)
+        raise
     finally:
         if pool is not None:
             pool.terminate()
@@ -171,5 +198,9 @@ def convert_dataset(source, dest, resolution=(256, 256), transform="center-crop-
         f.write(f"# {len(skipped)} of {len(names)} source images skipped by convert (unreadable)\n")
         for name, reason in skipped:
             f.write(f"{store.full_path(name)}\t{reason}\n")
+    if not entries:
+        raise DatasetError(f"none of the {len(names)} images under --source {source} could be read (e.g. "
+                           f"{store.full_path(skipped[0][0])}: {skipped[0][1]}); nothing written to {dest}, "
+                           f"every reason is in {log}")
     return ConvertSummary(dest=dest, written=len(entries), num_classes=len(class_names),
                           skipped=skipped, skipped_log=log)

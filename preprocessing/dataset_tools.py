@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
+from fileio import OutputError  # noqa: E402
 from preprocessing.storage import DatasetError  # noqa: E402
 from preprocessing.transforms import TRANSFORMS  # noqa: E402
 
@@ -60,7 +61,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    user_errors = (DatasetError,)  # printed as one line; anything else keeps its traceback
+    user_errors = (DatasetError, OutputError)  # printed as one line, exit 1; anything else keeps its traceback
     if args.command == "encode":  # torch/diffusers are imported only for encode
         from models.vae import VAEWeightsMissing
         from preprocessing.encode import encode_dataset

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from fileio import check_writable
 from models.vae import ENCODE_VAE, downsample_factor, encode_moments, latent_channels, load_vae
 from preprocessing.storage import IMAGE_SUFFIXES, LABELS_FILE, DatasetError, FileStore, latent_name
 from preprocessing.transforms import decode_rgb
@@ -171,6 +172,7 @@ def encode_dataset(source, dest, vae=ENCODE_VAE, batch_size=32, workers=None, ma
         workers = max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     try:
         store, names, labels, class_names = _read_source(source, max_images)
+        check_writable(dest, "--dest")
         width, height = decode_rgb(store.read(names[0])).size
         model = load_vae(vae, device)
         f = downsample_factor(model)
