@@ -107,7 +107,8 @@ class PowerFunctionEMA:
     ``update(params, step)`` after every optimizer step (skipped non-finite steps included, so
     the trajectory holds the unchanged parameters for that step); ``state_dict`` /
     ``load_state_dict`` resume exactly; ``snapshot`` is what ``save_snapshot`` writes. ``step``
-    is the step of the last update: 0 for a fresh run.
+    is the step of the last update: 0 for a fresh run; N to switch post-hoc EMA on at step N of
+    a run that had it off (the profiles then count ``params`` as the weights of steps 1..N).
     """
 
     def __init__(self, params, sigma_rels=DEFAULT_SIGMA_RELS, step=0):
