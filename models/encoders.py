@@ -33,12 +33,15 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
+from timm.data import OPENAI_CLIP_MEAN as CLIP_MEAN
+from timm.data import OPENAI_CLIP_STD as CLIP_STD
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _FB = "https://dl.fbaipublicfiles.com"
 
 
@@ -177,8 +180,6 @@ def create_vit(name, resolution, **arch_overrides):
     ``arch_overrides`` (e.g. ``embed_dim=32, depth=2, num_heads=2``) build a tiny model of the
     same code path for tests.
     """
-    import timm
-
     spec = ENCODERS[name]
     kwargs = dict(spec.overrides, num_classes=0, img_size=encoder_input_size(spec, resolution))
     kwargs.update(arch_overrides)
