@@ -84,6 +84,8 @@ def _convert_one(name):
     """Source path -> (png bytes, None), or (None, reason) when the file cannot be used."""
     try:
         img = _worker["transform"](decode_rgb(_worker["store"].read(name)))
+    except PIL.UnidentifiedImageError:  # its own text shows a BytesIO repr, not the file
+        return None, "UnidentifiedImageError: not an image format PIL can read"
     except Exception as e:  # a corrupt file must not abort a 1.28M-image run
         return None, f"{type(e).__name__}: {e}"
     if img.size != _worker["size"]:

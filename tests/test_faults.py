@@ -155,7 +155,7 @@ def test_convert_all_unreadable_source_fails_and_leaves_no_dataset(tmp_path):
     assert last.startswith(f"dataset_tools.py convert: error: none of the 3 images under --source {source} "
                                   f"could be read (e.g. {source / 'n01' / 'a.png'}: UnidentifiedImageError")
     log = f"{dest}.skipped.txt"
-    assert last.endswith(f"nothing written to {dest}, every reason is in {log}")
+    assert last.endswith(f"nothing written to {dest}, every reason is in {log}") and "BytesIO" not in last
     assert not dest.exists()
     assert len(open(log).read().splitlines()) == 1 + 3  # header line + one per image
     with pytest.raises(SystemExit, match="none of the 3 images"):  # zip output: neither zip nor .incomplete
