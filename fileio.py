@@ -151,7 +151,7 @@ def check_writable(directory, flag):
     Call before any work. `flag` is the option that chooses this folder (e.g. '--results-dir'),
     named in the message as the fix.
     """
-    directory = os.fspath(directory)
+    directory = os.fspath(directory) or "."
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise OutputNotWritable(f"cannot write to {directory} (it is a file, not a folder); "
                                 f"choose a writable place with {flag}")
