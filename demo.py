@@ -202,19 +202,13 @@ def main(argv=None):
 
         # 3. sampling
         print(f"== 3/6 generate {cfg['samples']} samples ({name})")
-        run([python, "generate.py", "--ckpt", ckpt, "--model", "SiT-S/4", "--encoder-depth", str(ENCODER_DEPTH),
-             "--vae", "none", "--resolution",
-             str(RESOLUTION), "--num-fid-samples", str(cfg["samples"]), "--balanced-labels", "--mode", "ode",
-             "--heun", "--num-steps", str(cfg["sample_steps"]), "--cfg-scale", "1.0", "--per-proc-batch-size", "100",
-             "--sample_dir", os.path.join(out, "samples"), "--name_add", name, "--global-seed", str(args.seed)],
-            os.path.join(logs, f"generate_{name}.log"))
+        gen_argv = ["--ckpt", ckpt, "--num-fid-samples", str(cfg["samples"]), "--balanced-labels", "--mode", "ode",
+                    "--heun", "--num-steps", str(cfg["sample_steps"]), "--cfg-scale", "1.0",
+                    "--per-proc-batch-size", "100", "--sample_dir", os.path.join(out, "samples"), "--name_add", name,
+                    "--global-seed", str(args.seed), "--device", "cpu"]  # model, --vae none, size: from the checkpoint
+        run([python, "generate.py", *gen_argv], os.path.join(logs, f"generate_{name}.log"))
         import generate
-        gen_args = generate.parse_args(["--ckpt", ckpt, "--model", "SiT-S/4", "--encoder-depth", str(ENCODER_DEPTH),
-                                        "--vae", "none", "--resolution",
-                                        str(RESOLUTION), "--cfg-scale", "1.0", "--mode", "ode",
-                                        "--sample_dir", os.path.join(out, "samples"), "--name_add", name,
-                                        "--global-seed", str(args.seed)])
-        npz = generate.sample_folder(gen_args) + ".npz"
+        npz = generate.main(generate.parse_args(gen_argv + ["--print-npz-path"])) + ".npz"
         samples = np.load(npz)["arr_0"]
         sample_labels = generate.sample_labels(cfg["samples"], NUM_CLASSES, args.seed, balanced=True).numpy()
         grid = os.path.join(out, f"grid_{name}.png")

@@ -36,13 +36,12 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from models import SiT, SiT_models
-from models.checkpoint import (SIZE_KWARGS, CheckpointError, checkpoint_model_kwargs, extract_state_dict,
-                               load_checkpoint_file, load_state_into)
-from models.vae import (VAEWeightsMissing, decode_to_uint8, downsample_factor, latent_channels, load_vae,
-                        pixels_to_uint8)
+from models.checkpoint import CheckpointError, load_model
+from models.config import MODEL_NAMES, PATH_TYPES, ConfigError
+from models.vae import VAEWeightsMissing, decode_to_uint8, load_vae, pixels_to_uint8, vae_identity
 from samplers import euler_maruyama_sampler, euler_sampler
 from seeding import derive_seed
+from train_utils import code_version
 
 
 class GenerateError(RuntimeError):
@@ -95,58 +94,81 @@ def sample_noise(indices, shape, num_sde_steps, global_seed, device):
 #                          Model, VAE and output folder                         #
 #################################################################################
 
+# config field -> generate.py flag dest, for the flags that must agree with the checkpoint
+CONFIG_FLAGS = {"model": "model", "num_classes": "num_classes", "qk_norm": "qk_norm", "path_type": "path_type",
+                "encoder_depth": "encoder_depth"}
+
+
+def load_sampling_model(args, hash_weights=True):
+    """The checkpoint's EMA model and config (models.checkpoint.load_model): flags the checkpoint
+    knows default to its values and must agree with them."""
+    given = {field: getattr(args, dest) for field, dest in CONFIG_FLAGS.items()}
+    try:
+        return load_model(args.ckpt, given=given, which="ema", fused_attn=args.fused_attn, hash_weights=hash_weights)
+    except ConfigError as exc:
+        raise GenerateError(str(exc)) from None
+
+
+def decoder_spec(args, config):
+    """--vae, or its default: 'none' for a pixel-space model (3 input channels), else the authors' 'ema'."""
+    if args.vae is not None:
+        return args.vae
+    return "none" if config.in_channels == 3 else "ema"
+
+
+def open_decoder(spec, loaded, device):
+    """(VAE or None, its record or None, latent channels, downsample factor). The VAE must match the
+    model's input channels and, when the checkpoint records the VAE of its training latents, have
+    the same encoder weights (the SD-VAE ft-EMA and ft-MSE share theirs)."""
+    config = loaded.config
+    if spec == "none":
+        vae, record, channels, factor = None, None, 3, 1
+    else:
+        vae = load_vae(spec, device)
+        record = vae_identity(vae, spec)
+        channels, factor = record["latent_channels"], record["downsample_factor"]
+    if channels != config.in_channels:
+        raise GenerateError(f"the checkpoint's model has {config.in_channels} input channels but --vae {spec} gives "
+                            f"{channels}; pick the VAE (or 'none') it was trained with")
+    trained = ((loaded.provenance.get("data") or {}).get("vae") or {})
+    if record and trained.get("encoder_sha256") and trained["encoder_sha256"] != record["encoder_sha256"]:
+        raise GenerateError(f"--vae {spec} is not the VAE of the latents {args_hint(loaded)} was trained on (encoder "
+                            f"{record['encoder_sha256'][:12]} vs {trained['encoder_sha256'][:12]} of "
+                            f"{trained.get('name')}); pass --vae ema or mse for the SD-VAE, or that VAE's folder")
+    return vae, record, channels, factor
+
+
+def args_hint(loaded):
+    return os.path.basename(loaded.path)
+
+
+def image_resolution(args, config, factor):
+    """Pixels per side: the model's input side times the VAE factor; --resolution, when given, must agree."""
+    resolution = config.input_size * factor
+    if args.resolution is not None and args.resolution != resolution:
+        step = factor * config.patch_size
+        if args.resolution % step:
+            raise GenerateError(f"--resolution {args.resolution} must be a multiple of {step} "
+                                f"(VAE factor {factor} x patch {config.patch_size})")
+        raise GenerateError(f"the checkpoint's model takes {config.input_size}x{config.input_size} inputs but "
+                            f"--resolution {args.resolution} with VAE factor {factor} gives "
+                            f"{args.resolution // factor}; drop --resolution (it is {resolution})")
+    return resolution
+
+
 def vae_name(spec):
     """The ``vae-<name>`` part of the folder name: ema/mse/none, else the path's basename."""
     return spec if spec in ("ema", "mse", "none") else os.path.basename(os.path.normpath(spec))
 
 
-def sample_folder(args):
-    """``<sample_dir>/<folder>``, named exactly as the authors' generate.py names it."""
-    model = args.model.replace("/", "-")
+def sample_folder(args, config, resolution, vae_spec):
+    """``<sample_dir>/<folder>``, named as the authors' generate.py names it. The name is not the
+    identity: ``provenance.json`` inside is (see ``sample_set_identity``)."""
+    model = config.model.replace("/", "-")
     ckpt = os.path.basename(args.ckpt).removesuffix(".pt")
-    name = (f"{model}-enc{args.encoder_depth}-{ckpt}-size-{args.resolution}-vae-{vae_name(args.vae)}-"
+    name = (f"{model}-enc{config.encoder_depth}-{ckpt}-size-{resolution}-vae-{vae_name(vae_spec)}-"
             f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.mode}-{args.name_add}")
     return os.path.join(args.sample_dir, name)
-
-
-def resolve_model_flags(args, ckpt_kwargs):
-    """Fill --num-classes and --qk-norm from the checkpoint's model kwargs (else the authors'
-    defaults 1000 and off); a flag given explicitly must agree with the checkpoint."""
-    for flag, default in (("num_classes", 1000), ("qk_norm", False)):
-        given = getattr(args, flag)
-        stored = (ckpt_kwargs or {}).get(flag)
-        if given is not None and stored is not None and given != stored:
-            raise GenerateError(f"--{flag.replace('_', '-')} {given} contradicts the checkpoint, "
-                                f"which was trained with {flag}={stored}; drop the flag")
-        setattr(args, flag, given if given is not None else stored if stored is not None else default)
-
-
-def build_model(args, ckpt_kwargs, in_channels, latent_size):
-    """The SiT to sample from: the checkpoint's own kwargs when it has them, else ``--model``."""
-    if ckpt_kwargs is None:
-        model = SiT_models[args.model](
-            input_size=latent_size, in_channels=in_channels, num_classes=args.num_classes,
-            encoder_depth=args.encoder_depth, qk_norm=args.qk_norm, fused_attn=args.fused_attn,
-        )
-    else:
-        kwargs = {**ckpt_kwargs, "fused_attn": args.fused_attn}
-        build = SiT if all(k in kwargs for k in SIZE_KWARGS) else SiT_models[args.model]
-        model = build(**kwargs)
-    if model.in_channels != in_channels:
-        raise GenerateError(f"the checkpoint's model has {model.in_channels} input channels but --vae "
-                            f"{args.vae} gives {in_channels}; pick the VAE (or 'none') it was trained with")
-    if model.input_size != latent_size:
-        raise GenerateError(f"the checkpoint's model takes {model.input_size}x{model.input_size} inputs but "
-                            f"--resolution {args.resolution} with --vae {args.vae} gives {latent_size}; "
-                            f"fix --resolution")
-    return model
-
-
-def check_resolution(args, factor, patch_size):
-    step = factor * patch_size
-    if args.resolution % step:
-        raise GenerateError(f"--resolution {args.resolution} must be a multiple of {step} "
-                            f"(VAE factor {factor} x patch {patch_size})")
 
 
 class Autocast(torch.nn.Module):
@@ -160,6 +182,109 @@ class Autocast(torch.nn.Module):
     def forward(self, x, t, y):
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
             return self.module(x, t, y)
+
+
+#################################################################################
+#                         Sample set identity (provenance)                      #
+#################################################################################
+
+PROVENANCE_FILE = "provenance.json"
+NPZ_PROVENANCE_KEY = "provenance"  # a uint8 array of UTF-8 JSON inside the npz, next to arr_0
+# Settings that change the pixels; with the checkpoint's weights hash and the decoder they are
+# the identity of a sample set. Process count and batch size are left out: on CPU they change
+# nothing, on GPUs only rounding (other kernels for other shapes).
+PIXEL_SETTINGS = ("num_fid_samples", "balanced_labels", "global_seed", "mode", "num_steps", "heun", "cfg_scale",
+                  "guidance_low", "guidance_high", "precision", "fused_attn", "compile")
+
+
+def sample_set_identity(args, loaded, decoder, resolution, device):
+    """Everything that made a sample set's pixels: the checkpoint's weights (sha256 of the EMA
+    tensors), the model config (path type included), the decoder's weights, the resolution,
+    the sampler and label settings, the precision and the kind of device (noise is drawn on it)."""
+    return {
+        "checkpoint": loaded.identity(),
+        "config": loaded.config.to_dict(),
+        "decoder": None if decoder is None else {k: decoder[k] for k in ("spec", "name", "weights_sha256")},
+        "resolution": resolution,
+        "device_type": device.type,
+        "settings": {key: getattr(args, key) for key in PIXEL_SETTINGS},
+    }
+
+
+def identity_key(identity):
+    """The part of an identity that must match to reuse a folder (not the checkpoint's path or run)."""
+    if not isinstance(identity, dict):
+        return None
+    key = {k: v for k, v in identity.items() if k not in ("checkpoint", "decoder", "created", "code")}
+    key["weights"] = (identity.get("checkpoint") or {}).get("weights_sha256")
+    key["decoder"] = (identity.get("decoder") or {}).get("weights_sha256")
+    return key
+
+
+def identity_differences(stored, current):
+    """Human-readable differences between two identities ('what: there -> now')."""
+    a, b = identity_key(stored) or {}, identity_key(current)
+    out = []
+    if a.get("weights") != b["weights"]:
+        there = (stored or {}).get("checkpoint") or {}
+        out.append(f"checkpoint weights {str(a.get('weights'))[:12]} ({there.get('path')}) there, "
+                   f"{b['weights'][:12]} ({current['checkpoint']['path']}) now")
+    for group in ("settings", "config"):
+        for k, v in b[group].items():
+            if (a.get(group) or {}).get(k) != v:
+                out.append(f"{k} {(a.get(group) or {}).get(k)} there, {v} now")
+    for k in ("decoder", "resolution", "device_type"):
+        if a.get(k) != b[k]:
+            out.append(f"{k} {str(a.get(k))[:12]} there, {str(b[k])[:12]} now")
+    return out
+
+
+def read_folder_identity(folder):
+    """The identity recorded in ``folder`` (None if absent), and whether the folder holds samples."""
+    path = os.path.join(folder, PROVENANCE_FILE)
+    stored = None
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+        except (OSError, ValueError):
+            stored = "unreadable"
+    has_samples = os.path.exists(f"{folder}.npz") or (
+        os.path.isdir(folder) and any(name.endswith(".png") for name in os.listdir(folder)))
+    return stored, has_samples
+
+
+def check_sample_folder(folder, identity):
+    """Refuse, in one line, a folder that holds samples made by anything else than ``identity``."""
+    stored, has_samples = read_folder_identity(folder)
+    if not has_samples or (isinstance(stored, dict) and identity_key(stored) == identity_key(identity)):
+        return
+    if not isinstance(stored, dict):
+        raise GenerateError(f"{folder} holds samples without a readable {PROVENANCE_FILE} (made by an older "
+                            "generate.py or another tool), so they cannot be checked; use another --sample_dir or "
+                            "--name_add, or delete the folder")
+    differ = identity_differences(stored, identity)
+    raise GenerateError(f"{folder} holds samples made by something else ({'; '.join(differ[:3])}"
+                        f"{' ...' if len(differ) > 3 else ''}); use another --sample_dir or --name_add")
+
+
+def write_folder_identity(folder, identity):
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, PROVENANCE_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(identity, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_npz_identity(path):
+    """The identity stored in an npz written by write_npz, or None."""
+    try:
+        with np.load(path) as f:
+            if NPZ_PROVENANCE_KEY not in f.files:
+                return None
+            return json.loads(f[NPZ_PROVENANCE_KEY].tobytes().decode())
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
 
 
 #################################################################################
@@ -188,37 +313,6 @@ def missing_indices(folder, num_samples):
     return [i for i in range(num_samples) if f"{i:06d}.png" not in names]
 
 
-# Settings that change the images but not the authors' folder name; kept in the folder so a
-# restart with other values cannot mix two kinds of samples.
-UNNAMED_SETTINGS = ("num_fid_samples", "balanced_labels", "num_steps", "heun", "guidance_low", "guidance_high",
-                    "path_type")
-
-
-def check_folder_settings(folder, args, record=False):
-    """Check UNNAMED_SETTINGS against ``<folder>/settings.json`` when the folder holds samples;
-    ``record`` (rank 0) writes the current ones otherwise."""
-    path = os.path.join(folder, "settings.json")
-    settings = {key: getattr(args, key) for key in UNNAMED_SETTINGS}
-    stored = None
-    if os.path.exists(path):
-        with open(path) as f:
-            stored = json.load(f)
-    if stored == settings:
-        return
-    has_samples = os.path.exists(f"{folder}.npz") or (
-        os.path.isdir(folder) and any(name.endswith(".png") for name in os.listdir(folder)))
-    if stored is not None and has_samples:
-        differ = [f"--{k.replace('_', '-')} {stored.get(k)} there, {v} now" for k, v in settings.items()
-                  if stored.get(k) != v]
-        raise GenerateError(f"{folder} holds samples made with other settings ({'; '.join(differ)}); "
-                            f"use another --name_add or --sample_dir")
-    if record:
-        os.makedirs(folder, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(settings, f, indent=1)
-        os.replace(path + ".tmp", path)
-
-
 def npz_is_complete(path, shape):
     """True when ``path`` is an npz whose ``arr_0`` is a full uint8 array of ``shape``."""
     try:
@@ -234,9 +328,10 @@ def npz_is_complete(path, shape):
         return False
 
 
-def write_npz(folder, num_samples, path):
+def write_npz(folder, num_samples, path, identity):
     """Stream PNGs 0..N-1 into ``path`` as ``arr_0`` (N, H, W, 3) uint8, the layout np.savez
-    writes (a stored zip entry ``arr_0.npy``), without holding all N images in memory."""
+    writes (a stored zip entry ``arr_0.npy``), without holding all N images in memory; the
+    sample set's identity goes in as ``provenance`` (UTF-8 JSON bytes), which ADM's evaluator ignores."""
     first = np.asarray(Image.open(png_path(folder, 0)).convert("RGB"))
     shape = (num_samples, *first.shape)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -252,6 +347,8 @@ def write_npz(folder, num_samples, path):
                         raise GenerateError(f"{png_path(folder, i)} is {image.dtype} {image.shape}, expected "
                                             f"uint8 {first.shape}; delete it and rerun to resample it")
                     f.write(np.ascontiguousarray(image).tobytes())
+            with zf.open(f"{NPZ_PROVENANCE_KEY}.npy", "w") as f:
+                np.lib.format.write_array(f, np.frombuffer(json.dumps(identity).encode(), dtype=np.uint8))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -282,14 +379,14 @@ def setup_distributed(device_flag):
     return rank, world_size, device
 
 
-def sample_batch(model, indices, labels, args, shape, device):
+def sample_batch(model, indices, labels, args, path_type, shape, device):
     """Sampler output (B, C, h, w) float64 (latents, or pixels in [-1, 1]) for a list of indices."""
     num_sde_steps = args.num_steps - 1 if args.mode == "sde" else 0
     z, noise = sample_noise(indices, shape, num_sde_steps, args.global_seed, device)
     y = labels[indices].to(device)
     kwargs = dict(model=model, latents=z, y=y, num_steps=args.num_steps, heun=args.heun,
                   cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
-                  guidance_high=args.guidance_high, path_type=args.path_type)
+                  guidance_high=args.guidance_high, path_type=path_type)
     if args.mode == "sde":
         return euler_maruyama_sampler(**kwargs, noise=noise)
     return euler_sampler(**kwargs)
@@ -297,80 +394,56 @@ def sample_batch(model, indices, labels, args, shape, device):
 
 @torch.no_grad()
 def main(args):
-    folder = sample_folder(args)
-    npz_path = f"{folder}.npz"
-    check_folder_settings(folder, args)
-    if npz_is_complete(npz_path, (args.num_fid_samples, args.resolution, args.resolution, 3)):
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{npz_path} already holds all {args.num_fid_samples} samples; nothing to do.")
-        return
+    """Sample the missing indices of the sample set and build its npz; returns the folder path."""
     rank, world_size, device = setup_distributed(args.device)
     distributed = dist.is_initialized()
     torch.backends.cuda.matmul.allow_tf32 = args.precision != "fp32"
     torch.backends.cudnn.allow_tf32 = args.precision != "fp32"
 
-    # Rank 0 lists what is missing before anyone writes, so all ranks split the same list.
-    if rank == 0:
-        check_folder_settings(folder, args, record=True)
-        todo = [missing_indices(folder, args.num_fid_samples)]
-        print(f"Saving .png samples at {folder}: {len(todo[0])} of {args.num_fid_samples} to sample "
-              f"on {world_size} process(es), device {device.type}, precision {args.precision}")
-    else:
-        todo = [None]
-    if distributed:
-        dist.broadcast_object_list(todo, src=0)
-    todo = todo[0]
-
-    if todo:
-        checkpoint = load_checkpoint_file(args.ckpt)
-        ckpt_kwargs = checkpoint_model_kwargs(checkpoint)
-        resolve_model_flags(args, ckpt_kwargs)
-        if args.vae == "none":
-            vae, channels, factor = None, 3, 1
-        else:
-            vae = load_vae(args.vae, device)
-            channels, factor = latent_channels(vae), downsample_factor(vae)
-        patch = (ckpt_kwargs or {}).get("patch_size") or int(args.model.rsplit("/", 1)[-1])
-        check_resolution(args, factor, patch)
-        latent_size = args.resolution // factor
-        model = build_model(args, ckpt_kwargs, channels, latent_size)
-        report = load_state_into(model, extract_state_dict(checkpoint, "ema"), source=f"checkpoint {args.ckpt}")
-        del checkpoint
-        model = model.to(device).eval().requires_grad_(False)
-        if args.cfg_scale > 1 and model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
-            raise GenerateError("--cfg-scale > 1 needs the null-label row, but this model was built without "
-                                "label dropout; use --cfg-scale 1")
-        labels = sample_labels(args.num_fid_samples, model.num_classes, args.global_seed, args.balanced_labels)
+    # ---- model, decoder, and the identity of the sample set they make ----
+    loaded = load_sampling_model(args, hash_weights=rank == 0)
+    config, spec = loaded.config, decoder_spec(args, loaded.config)
+    vae, decoder, channels, factor = open_decoder(spec, loaded, device)
+    resolution = image_resolution(args, config, factor)
+    folder = sample_folder(args, config, resolution, spec)
+    npz_path = f"{folder}.npz"
+    if args.print_npz_path:
         if rank == 0:
-            print(f"Loaded {args.ckpt} (ema): {report.summary()}")
-            if ckpt_kwargs and ckpt_kwargs.get("encoder_depth", args.encoder_depth) != args.encoder_depth:
-                print(f"note: the folder name says enc{args.encoder_depth} (--encoder-depth); the checkpoint's "
-                      f"model has encoder_depth={ckpt_kwargs['encoder_depth']}")
-            print(f"SiT parameters: {sum(p.numel() for p in model.parameters()):,}; latent "
-                  f"{channels}x{latent_size}x{latent_size}; {args.mode} {args.num_steps} steps, cfg {args.cfg_scale}")
-        if args.precision == "bf16":
-            model = Autocast(model, device.type)
-        if args.compile:
-            # Static shapes: one graph for the guided batch (2B) and one for the unguided (B).
-            model = torch.compile(model, dynamic=False, backend=args.compile_backend)
+            print(npz_path)
+        return folder
 
-        batch = args.per_proc_batch_size
-        chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
-        mine = chunks[rank::world_size][: args.max_batches]
-        shape = (channels, latent_size, latent_size)
-        with ThreadPoolExecutor(max_workers=2) as writer:  # PNG encoding overlaps the next batch
-            pending = []
-            for indices in tqdm(mine, desc=f"rank 0 of {world_size}", disable=rank != 0):
-                x = sample_batch(model, indices, labels, args, shape, device)
-                images = pixels_to_uint8(x) if vae is None else decode_to_uint8(vae, x.float())
-                images = images.cpu().numpy()  # the one host sync per batch
-                for w in pending:
-                    w.result()  # re-raises a failed write; bounds the queue to one batch
-                pending = [writer.submit(save_png_atomic, img, png_path(folder, i))
-                           for i, img in zip(indices, images)]
-            for w in pending:
-                w.result()
+    # ---- rank 0 checks the folder and lists what is missing; every rank gets the same list ----
+    plan = [None]
+    if rank == 0:
+        identity = sample_set_identity(args, loaded, decoder, resolution, device)
+        try:
+            check_sample_folder(folder, identity)
+            shape = (args.num_fid_samples, resolution, resolution, 3)
+            if npz_is_complete(npz_path, shape) and identity_key(read_npz_identity(npz_path)) == identity_key(identity):
+                plan = [("done", f"{npz_path} already holds all {args.num_fid_samples} samples of this checkpoint "
+                                 "and these settings; nothing to do.")]
+            else:
+                write_folder_identity(folder, {**identity, "code": code_version()})
+                todo = missing_indices(folder, args.num_fid_samples)
+                plan = [("todo", todo)]
+                print(f"Saving .png samples at {folder}: {len(todo)} of {args.num_fid_samples} to sample on "
+                      f"{world_size} process(es), device {device.type}, precision {args.precision}")
+                print(f"Model {config.describe()}; EMA weights sha256 {loaded.weights_sha256[:12]} "
+                      f"({loaded.report.summary()})")
+        except GenerateError as exc:
+            plan = [("error", str(exc))]
+    if distributed:
+        dist.broadcast_object_list(plan, src=0)
+    kind, payload = plan[0]
+    if kind == "error":
+        raise GenerateError(payload)
+    if kind == "done":
+        if rank == 0:
+            print(payload)
+        return folder
 
+    if payload:
+        sample_indices(args, loaded, vae, payload, folder, rank, world_size, device, channels)
     if distributed:
         dist.barrier()
     if rank == 0:
@@ -378,13 +451,43 @@ def main(args):
         if left:
             print(f"{len(left)} samples still missing (stopped by --max-batches); rerun to finish.")
         else:
-            shape = write_npz(folder, args.num_fid_samples, npz_path)
+            shape = write_npz(folder, args.num_fid_samples, npz_path, read_folder_identity(folder)[0])
             print(f"Saved {npz_path} [shape={shape}].")
             if not args.keep_pngs:
                 for i in range(args.num_fid_samples):
                     os.remove(png_path(folder, i))
     if distributed:
         dist.destroy_process_group()
+    return folder
+
+
+def sample_indices(args, loaded, vae, todo, folder, rank, world_size, device, channels):
+    """Sample this rank's share of ``todo`` (batches dealt round-robin) and write their PNGs."""
+    model, config = loaded.model.to(device), loaded.config
+    if args.cfg_scale > 1 and not config.has_null_label:
+        raise GenerateError("--cfg-scale > 1 needs the null-label row, but this model was trained without "
+                            "label dropout; use --cfg-scale 1")
+    labels = sample_labels(args.num_fid_samples, config.num_classes, args.global_seed, args.balanced_labels)
+    if args.precision == "bf16":
+        model = Autocast(model, device.type)
+    if args.compile:
+        # Static shapes: one graph for the guided batch (2B) and one for the unguided (B).
+        model = torch.compile(model, dynamic=False, backend=args.compile_backend)
+    batch = args.per_proc_batch_size
+    chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
+    mine = chunks[rank::world_size][: args.max_batches]
+    shape = (channels, config.input_size, config.input_size)
+    with ThreadPoolExecutor(max_workers=2) as writer:  # PNG encoding overlaps the next batch
+        pending = []
+        for indices in tqdm(mine, desc=f"rank 0 of {world_size}", disable=rank != 0):
+            x = sample_batch(model, indices, labels, args, config.path_type, shape, device)
+            images = pixels_to_uint8(x) if vae is None else decode_to_uint8(vae, x.float())
+            images = images.cpu().numpy()  # the one host sync per batch
+            for w in pending:
+                w.result()  # re-raises a failed write; bounds the queue to one batch
+            pending = [writer.submit(save_png_atomic, img, png_path(folder, i)) for i, img in zip(indices, images)]
+        for w in pending:
+            w.result()
 
 
 #################################################################################
@@ -409,16 +512,22 @@ def parse_args(argv=None):
     parser.add_argument("--keep-pngs", action=argparse.BooleanOptionalAction, default=True,
                         help="keep the PNG folder after the npz is built (it is what makes restart possible)")
     # model
-    parser.add_argument("--model", type=str, choices=list(SiT_models), default="SiT-XL/2")
+    # model: the checkpoint knows these; given, they must agree with it (bare state dicts need --model)
+    parser.add_argument("--model", type=str, choices=MODEL_NAMES, metavar="MODEL", default=None,
+                        help="default: the checkpoint's; needed only for bare state dicts of table sizes "
+                             "(SiT-XL/2 is assumed from the weights' width otherwise)")
     parser.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
-    parser.add_argument("--encoder-depth", type=int, default=8,
-                        help="probe depth; only names the folder (the probe does not run when sampling)")
-    parser.add_argument("--resolution", type=int, default=256, help="image side; a multiple of VAE factor x patch")
+    parser.add_argument("--encoder-depth", type=int, default=None,
+                        help="probe depth (names the folder; the probe does not run when sampling); "
+                             "default: the checkpoint's, else 8")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image side; default: the model's input side x the VAE factor")
     parser.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
-                        help="default: the checkpoint's, else off")
-    parser.add_argument("--vae", type=str, default="ema",
-                        help="ema | mse | hub name | local save_pretrained folder | none (pixel-space model)")
+                        help="default: the checkpoint's (its weights show it)")
+    parser.add_argument("--vae", type=str, default=None,
+                        help="ema | mse | hub name | local save_pretrained folder | none; default: none for a "
+                             "pixel-space model, else ema (the authors' choice)")
     # number of samples
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
@@ -427,7 +536,8 @@ def parse_args(argv=None):
     # sampler
     parser.add_argument("--mode", choices=["ode", "sde"], default="ode")
     parser.add_argument("--cfg-scale", type=float, default=1.5)
-    parser.add_argument("--path-type", choices=["linear", "cosine"], default="linear")
+    parser.add_argument("--path-type", choices=PATH_TYPES, default=None,
+                        help="default: the checkpoint's (it records the interpolant it was trained on), else linear")
     parser.add_argument("--num-steps", type=int, default=50)
     parser.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False, help="ODE only")
     parser.add_argument("--guidance-low", type=float, default=0.0)
@@ -435,6 +545,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model (compiles once per batch shape, then each step is faster)")
     parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # tests: eager
+    parser.add_argument("--print-npz-path", action="store_true",
+                        help="print the npz path these flags write to, and exit (main_LSEP.sh uses it)")
     # debugging: stop each process after this many batches (simulates a killed run)
     parser.add_argument("--max-batches", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -463,7 +575,7 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (CheckpointError, VAEWeightsMissing, GenerateError) as exc:
+    except (CheckpointError, ConfigError, VAEWeightsMissing, GenerateError) as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"generate.py: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -115,15 +115,13 @@ EOF
     ${EXTRA_TRAIN_ARGS}
 }
 
+# The model, its probe depth, resolution and path type come from the checkpoint (generate.py reads
+# them from it); passing them here could only contradict it.
 GEN_ARGS=(
-  --model "${MODEL}"
   --ckpt "${CKPT}"
   --num-fid-samples "${NUM_FID_SAMPLES}"
   --per-proc-batch-size "${PER_PROC_BATCH}"
-  --resolution "${RESOLUTION}"
   --vae "${VAE}"
-  --encoder-depth "${ENC_DEPTH}"
-  --path-type linear
   --mode "${MODE}"
   --num-steps "${NUM_STEPS}"
   --cfg-scale "${CFG_SCALE}"
@@ -152,20 +150,11 @@ or set REF_BATCH.
 EOF
     exit 1
   fi
-  # generate.py's own naming rule, so the two never disagree (SAMPLE_NPZ overrides it)
+  # generate.py's own naming rule and flags, so the two never disagree (SAMPLE_NPZ overrides it)
   local npz="${SAMPLE_NPZ:-}"
   if [[ -z "${npz}" ]]; then
-    npz="$("${PYTHON}" - "${MODEL}" "${CKPT}" "${ENC_DEPTH}" "${RESOLUTION}" "${VAE}" "${CFG_SCALE}" "${SEED}" \
-           "${MODE}" "${NAME_ADD}" "${SAMPLE_DIR}" <<'PY'
-import argparse, sys
-import generate
-m, ckpt, depth, res, vae, cfg, seed, mode, name_add, sample_dir = sys.argv[1:]
-args = argparse.Namespace(model=m, ckpt=ckpt, encoder_depth=int(depth), resolution=int(res), vae=vae,
-                          cfg_scale=float(cfg), global_seed=int(seed), mode=mode, name_add=name_add,
-                          sample_dir=sample_dir)
-print(generate.sample_folder(args) + ".npz")
-PY
-)"
+    # shellcheck disable=SC2086
+    npz="$("${PYTHON}" generate.py "${GEN_ARGS[@]}" ${EXTRA_GEN_ARGS} --print-npz-path | tail -n 1)"
   fi
   if [[ ! -f "${npz}" ]]; then
     echo "error: samples ${npz} not found; run: bash main_LSEP.sh generate" >&2

@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from loss import PATH_TYPES, interpolant
-from models import SiT, SiT_models
+from models.checkpoint import CheckpointError, load_model
+from models.config import MODEL_NAMES, ConfigError
 from models.vae import sample_posterior, uint8_to_pixels
 from seeding import derive_seed
-from models.checkpoint import (SIZE_KWARGS, CheckpointError, checkpoint_args, checkpoint_model_kwargs,
-                               extract_state_dict, load_checkpoint_file, load_state_into)
 
 
 class ProbeError(RuntimeError):
@@ -197,38 +196,16 @@ def _fit_chunk(train_x, train_y, test_x, test_y, num_classes, epochs, weight_dec
 #                              Checkpoint and data                              #
 #################################################################################
 
-def load_probe_model(checkpoint, model_name, in_channels, input_size, ckpt="<in memory>"):
-    """The frozen SiT of a loaded ``checkpoint`` (EMA weights, eval mode, CPU) for inputs of
-    (in_channels, input_size, input_size); ``ckpt`` names the file in messages.
-
-    Size: the checkpoint's ``args.model_kwargs`` when present, else ``model_name`` with the
-    checkpoint's ``args.num_classes`` (else its label table) and qk-norm as stored. Raises
-    CheckpointError when the weights do not fit or leave anything but the probe head at init.
-    """
-    state = extract_state_dict(checkpoint, "ema")
-    kwargs = checkpoint_model_kwargs(checkpoint)
-    if kwargs is None:
-        num_classes = checkpoint_args(checkpoint, "num_classes")
-        table = state.get("y_embedder.embedding_table.weight")
-        if num_classes is None:
-            num_classes = table.shape[0] - 1 if table is not None else 1000
-        kwargs = dict(num_classes=num_classes, qk_norm=any(".q_norm." in k for k in state))
-    kwargs = {"input_size": input_size, "in_channels": in_channels, **kwargs}
-    if model_name not in SiT_models and not all(k in kwargs for k in SIZE_KWARGS):
-        raise ProbeError(f"--model {model_name} is not one of {', '.join(SiT_models)}")
-    build = SiT if all(k in kwargs for k in SIZE_KWARGS) else SiT_models[model_name]
+def load_probe_model(args):
+    """The checkpoint's frozen EMA model and config (models.checkpoint.load_model): --model and
+    --path-type default to what the checkpoint records and must agree with it."""
     try:
-        model = build(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {ckpt} holds model kwargs {kwargs} that build no SiT: {e}") from e
-    report = load_state_into(model, state, source=f"checkpoint {ckpt}")
-    if report.unexpected or report.ignored or report.missing:
-        print(f"loaded {ckpt}: {report.summary()}")
-    if model.in_channels != in_channels or model.input_size != input_size:
-        raise ProbeError(f"the checkpoint's model takes {model.in_channels}x{model.input_size}x{model.input_size} "
-                         f"inputs but the data gives {in_channels}x{input_size}x{input_size}; use the dataset "
-                         "it was trained on (or --data-mode pixel/latent)")
-    return model.eval().requires_grad_(False)
+        loaded = load_model(args.ckpt, given={"model": args.model, "path_type": args.path_type}, which="ema")
+    except ConfigError as exc:
+        raise ProbeError(str(exc)) from None
+    if loaded.report.unexpected or loaded.report.ignored or loaded.report.missing:
+        print(f"loaded {args.ckpt}: {loaded.report.summary()}")
+    return loaded
 
 
 def open_dataset(data_dir, data_mode, ckpt_in_channels=None):
@@ -304,7 +281,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Linear separability of SiT features per block and time.")
     p.add_argument("--ckpt", required=True, help="checkpoint (.pt); its EMA weights are probed")
     p.add_argument("--data-dir", required=True, help="dataset folder (images/ and/or vae-sd/, see dataset.py)")
-    p.add_argument("--model", default="SiT-XL/2", help="config when the checkpoint holds no args.model_kwargs")
+    p.add_argument("--model", default=None, choices=MODEL_NAMES, metavar="MODEL",
+                   help="default: the checkpoint's; needed only for bare state dicts of non-table widths")
     p.add_argument("--data-mode", choices=("auto", "latent", "pixel"), default="auto",
                    help="latent = VAE moments (vae-sd/), pixel = images/; auto picks what the model takes")
     p.add_argument("--timesteps", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75],
@@ -314,7 +292,8 @@ def parse_args(argv=None):
     p.add_argument("--label", choices=("null", "true"), default="null",
                    help="conditioning label: null (no class leak) or the true class")
     p.add_argument("--layers", default="all", help="'all' or 1-based blocks, e.g. 1,4,8")
-    p.add_argument("--path-type", choices=PATH_TYPES, default="linear")
+    p.add_argument("--path-type", choices=PATH_TYPES, default=None,
+                   help="default: the checkpoint's (the interpolant it was trained on), else linear")
     p.add_argument("--batch-size", type=int, default=128, help="feature extraction batch")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -335,11 +314,13 @@ def run(args):
         raise ProbeError(f"--ckpt {args.ckpt} does not exist")
     if not os.path.isdir(args.data_dir):
         raise ProbeError(f"--data-dir {args.data_dir} is not a folder")
-    checkpoint = load_checkpoint_file(args.ckpt)
-    ckpt_kwargs = checkpoint_model_kwargs(checkpoint) or {}
-    dataset, channels, side = open_dataset(args.data_dir, args.data_mode, ckpt_kwargs.get("in_channels"))
-    model = load_probe_model(checkpoint, args.model, channels, side, args.ckpt).to(args.device)
-    del checkpoint
+    loaded = load_probe_model(args)
+    config, model = loaded.config, loaded.model.to(args.device)
+    dataset, channels, side = open_dataset(args.data_dir, args.data_mode, config.in_channels)
+    if (channels, side) != (config.in_channels, config.input_size):
+        raise ProbeError(f"the checkpoint's model takes {config.in_channels}x{config.input_size}x{config.input_size} "
+                         f"inputs but --data-dir gives {channels}x{side}x{side}; use the dataset it was trained on "
+                         "(or --data-mode pixel/latent)")
     layers = parse_layers(args.layers, len(model.blocks))
     if args.label == "null" and model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
         raise ProbeError("the model has no null label (trained without label dropout); use --label true")
@@ -355,7 +336,7 @@ def run(args):
     top1 = []
     for t in args.timesteps:
         (train_x, train_y), (test_x, test_y) = [
-            extract_features(model, loader, t, label=args.label, path_type=args.path_type, layers=layers)
+            extract_features(model, loader, t, label=args.label, path_type=config.path_type, layers=layers)
             for loader in loaders]
         top1.append(fit_linear_probe(train_x, train_y, test_x, test_y, dataset.num_classes, epochs=args.epochs,
                                      weight_decay=args.weight_decay, device=args.device,
@@ -366,7 +347,9 @@ def run(args):
     counts = torch.bincount(train_y, minlength=dataset.num_classes)
     result = {
         "ckpt": os.path.abspath(args.ckpt), "data_dir": os.path.abspath(args.data_dir),
-        "label": args.label, "path_type": args.path_type, "seed": args.seed,
+        "label": args.label, "path_type": config.path_type, "seed": args.seed,
+        "checkpoint": {"weights_sha256": loaded.weights_sha256, "steps": loaded.steps,
+                       "run_id": loaded.provenance.get("run_id")}, "config": config.to_dict(),
         "num_train": args.num_train, "num_test": args.num_test, "num_classes": dataset.num_classes,
         "chance": 1.0 / dataset.num_classes,
         "majority": float((test_y == counts.argmax()).float().mean()),
@@ -390,7 +373,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (ProbeError, CheckpointError, DatasetError) as e:
+    except (ProbeError, CheckpointError, ConfigError, DatasetError) as e:
         sys.exit(f"probe.py: error: {e}")
 
 

@@ -24,14 +24,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from loss import LSEPLoss
-from models import SiT, SiT_models
+from models import SiT
 from models.checkpoint import atomic_save, load_checkpoint_file
+from models.config import DEFAULTS, MODEL_NAMES, PATH_TYPES
 from models.vae import (LATENT_DOWNSAMPLE, VAEWeightsMissing, decode_to_uint8, downsample_factor, latent_channels,
-                        load_vae, pixels_to_uint8, sample_posterior, uint8_to_pixels)
+                        load_vae, pixels_to_uint8, sample_posterior, uint8_to_pixels, vae_identity)
 from samplers import euler_sampler, unwrap_model
 from seeding import derive_seed
-import train_utils as tu
-from train_utils import TrainingDiverged, TrainingError
+from train_utils import (NonFiniteGuard, StepBatchSampler, StepStats, TrainingDiverged, TrainingError, append_stats,
+                         build_checkpoint, checkpoint_path, classifier_learning_rate, ensure_wandb_cannot_hang,
+                         global_batch_size, image_grid, list_checkpoints, log_image, memory_stats, resolve_resume,
+                         restore_checkpoint, run_provenance, save_png, seed_step, training_config, update_ema)
 
 PREVIEW_SAMPLES = 64      # images in each preview grid (the authors' 64)
 PREVIEW_STEPS = 50        # Euler steps of the preview sampler
@@ -82,7 +85,7 @@ def data_geometry(args, dataset, vae):
         channels, height, width = dataset.image_shape
         if height != width:
             raise TrainingError(f"--data-dir images are {width}x{height}; SiT needs square inputs")
-        if height != args.resolution:
+        if args.resolution is not None and height != args.resolution:
             raise TrainingError(f"--resolution {args.resolution} does not match the {height}x{height} images in "
                                 f"{args.data_dir}; pass --resolution {height}")
         return channels, height
@@ -90,7 +93,7 @@ def data_geometry(args, dataset, vae):
     if height != width:
         raise TrainingError(f"--data-dir latents are {width}x{height}; SiT needs square inputs")
     factor = downsample_factor(vae) if vae is not None else LATENT_DOWNSAMPLE
-    if height * factor != args.resolution:
+    if args.resolution is not None and height * factor != args.resolution:
         raise TrainingError(f"--resolution {args.resolution} does not match the data: {height}x{height} latents are "
                             f"{height * factor} px with the VAE's factor {factor}; pass --resolution "
                             f"{height * factor} or re-encode the images at {args.resolution} px")
@@ -118,10 +121,27 @@ def load_preview_vae(args, accelerator):
     return vae
 
 
-def tracker_config(args):
-    """Flag values as scalars/strings (TensorBoard's hparams accepts nothing else)."""
+def check_data_vae(args, dataset, vae):
+    """The preview decoder must belong to the VAE that encoded the latents: its encoder weights
+    must hash to the ones recorded in vae-sd/dataset.json (the SD-VAE ft-EMA and ft-MSE share
+    their encoder, so either decodes latents made by the other)."""
+    record = getattr(dataset, "vae_record", None)
+    if vae is None or not record or not record.get("encoder_sha256"):
+        if args.vae != "none" and dataset.mode == "latent" and not record:
+            logger.warning(f"{args.data_dir}/vae-sd records no VAE (encoded by an older version): the --vae "
+                           f"{args.vae} preview decoder cannot be checked against the latents")
+        return
+    mine = vae_identity(vae, args.vae)
+    if mine["encoder_sha256"] != record["encoder_sha256"]:
+        raise TrainingError(f"--vae {args.vae} is not the VAE that encoded {args.data_dir}/vae-sd (its encoder "
+                            f"weights {mine['encoder_sha256'][:12]} differ from {record['encoder_sha256'][:12]} of "
+                            f"{record.get('name')}); pass --vae {record.get('spec') or record.get('name')}")
+
+
+def tracker_config(args, config):
+    """Flag values and the model config as scalars/strings (TensorBoard's hparams accepts nothing else)."""
     out = {}
-    for key, value in vars(args).items():
+    for key, value in [*vars(args).items(), *((f"config.{k}", v) for k, v in config.to_dict().items())]:
         if isinstance(value, (dict, list, tuple)):
             value = json.dumps(value)
         out[key] = "None" if value is None else value
@@ -132,8 +152,8 @@ def build_dataloader(args, dataset, accelerator, start_step, start_sample):
     """A DataLoader over this process's shards of every step (never re-sharded by accelerate)."""
     accum = args.gradient_accumulation_steps
     rank = accelerator.process_index
-    sampler = tu.StepBatchSampler(
-        dataset_size=len(dataset), global_batch=args.batch_size * accum, num_shards=accelerator.num_processes * accum,
+    sampler = StepBatchSampler(
+        dataset_size=len(dataset), global_batch=global_batch_size(args), num_shards=accelerator.num_processes * accum,
         shards=range(rank * accum, (rank + 1) * accum), seed=args.seed, start_step=start_step,
         start_sample=start_sample)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
@@ -145,21 +165,21 @@ def build_dataloader(args, dataset, accelerator, start_step, start_sample):
 #                                   Previews                                    #
 #################################################################################
 
-def preview_noise(args, model_kwargs, device):
+def preview_noise(args, config, device):
     """Fixed preview noise and labels, a function of --seed only (same grid content every time)."""
     generator = torch.Generator().manual_seed(derive_seed(args.seed, -2, 0))
-    size, channels = model_kwargs["input_size"], model_kwargs["in_channels"]
+    size, channels = config.input_size, config.in_channels
     x = torch.randn(PREVIEW_SAMPLES, channels, size, size, generator=generator)
-    y = torch.randint(0, model_kwargs["num_classes"], (PREVIEW_SAMPLES,), generator=generator)
+    y = torch.randint(0, config.num_classes, (PREVIEW_SAMPLES,), generator=generator)
     return x.to(device), y.to(device)
 
 
 @torch.no_grad()
-def make_preview(ema, vae, noise, labels, args, accelerator):
+def make_preview(ema, vae, noise, labels, config, accelerator):
     """(B, H, W, 3) uint8 samples of the EMA model in eval mode (not the training-mode model)."""
     with accelerator.autocast():
         x = euler_sampler(ema, noise, labels, num_steps=PREVIEW_STEPS, cfg_scale=PREVIEW_CFG,
-                          guidance_low=0.0, guidance_high=1.0, path_type=args.path_type, heun=False)
+                          guidance_low=0.0, guidance_high=1.0, path_type=config.path_type, heun=False)
     x = x.float()
     if vae is None:  # pixel space
         return pixels_to_uint8(x)
@@ -170,203 +190,198 @@ def make_preview(ema, vae, noise, labels, args, accelerator):
 #                                  Training loop                                #
 #################################################################################
 
-def main(args):
-    """Train; returns the final step. Raises TrainingError on bad flags/data, TrainingDiverged
-    after --max-nonfinite consecutive non-finite steps."""
+def make_accelerator(args, exp_dir):
+    """The Accelerator (CPU processes with gloo when no GPU is visible, so torchrun works on CPU)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-    exp_dir = os.path.join(args.output_dir, args.exp_name)
-    checkpoint_dir = os.path.join(exp_dir, "checkpoints")
     if args.report_to == "wandb":
-        message = tu.ensure_wandb_cannot_hang()
+        message = ensure_wandb_cannot_hang()
         if message:
             print(message)
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainingError("--mixed-precision fp16 needs a GPU; use bf16 or no on CPU")
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # lets torchrun / accelerate launch run CPU processes (gloo)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=exp_dir, logging_dir=os.path.join(exp_dir, args.logging_dir)),
         # gradients live in DDP's communication buckets: one gradient-sized copy less per step
         kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
     )
+
+
+def build_model_and_optimizer(args, config, device):
+    """SiT (same init on every process: seeded by --seed), its EMA copy, and AdamW with the
+    classifier as its own parameter group (the authors' --learning-rate-class)."""
+    torch.manual_seed(args.seed)
+    model = SiT(config, fused_attn=args.fused_attn).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    classifier = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
+    backbone = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    optimizer = torch.optim.AdamW(
+        [{"params": backbone, "weight_decay": args.adam_weight_decay},
+         {"params": classifier, "lr": classifier_learning_rate(args, config),
+          "weight_decay": args.adam_weight_decay_class}],
+        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        fused=device.type == "cuda")  # one kernel for all parameters on GPUs
+    return model, ema, optimizer
+
+
+def restore_training_state(checkpoint, path, args, config, model, ema, optimizer, scaler, dataset):
+    """Load a checkpoint into the training objects; returns (step, samples_seen, nonfinite)."""
+    step, samples_seen, nonfinite = restore_checkpoint(checkpoint, unwrap_model(model), ema, optimizer, scaler)
+    for group, lr, decay in zip(optimizer.param_groups, (args.learning_rate, classifier_learning_rate(args, config)),
+                                (args.adam_weight_decay, args.adam_weight_decay_class)):
+        group.update(lr=lr, weight_decay=decay)  # the flags win over the saved values
+    if (checkpoint.get("data") or {}).get("dataset_size", len(dataset)) != len(dataset):
+        logger.warning(f"the dataset has changed size since {path}: the data order differs from an unbroken run")
+    samples_seen = step * global_batch_size(args) if samples_seen is None else samples_seen
+    logger.info(f"Resumed from {path} at step {step} ({samples_seen:,} samples seen)")
+    return step, samples_seen, nonfinite
+
+
+def run_optimizer_step(model, loss_fn, optimizer, scaler, data_iter, args, step, accelerator, nan_steps):
+    """One optimizer step over --gradient-accumulation-steps micro-batches, each seeded by
+    (seed, step, shard). A non-finite loss (or gradient norm without fp16's scaler) on any
+    process skips the step on every process. Returns (losses or None when skipped, what was bad)."""
+    device, accum = accelerator.device, args.gradient_accumulation_steps
+    denoising_sum = probe_sum = accuracy_sum = torch.zeros((), device=device)
+    for micro in range(accum):
+        data, labels = next(data_iter)
+        seed_step(args.seed, step, accelerator.process_index * accum + micro, device)
+        data = data.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        x = uint8_to_pixels(data) if args.vae == "none" else sample_posterior(data)
+        sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
+        with sync:
+            denoising_loss, probe_loss, probe_accuracy = loss_fn(model, x, dict(y=labels))
+            denoising_loss = denoising_loss.mean()
+            if step + 1 in nan_steps:
+                denoising_loss = denoising_loss * float("nan")
+            accelerator.backward((denoising_loss + probe_loss) / accum)
+        denoising_sum = denoising_sum + denoising_loss.detach() / accum
+        probe_sum = probe_sum + probe_loss.detach() / accum
+        accuracy_sum = accuracy_sum + probe_accuracy.detach() / accum
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+
+    # one reduced flag (the only per-step host sync), so every process takes the same branch
+    flags = torch.stack([~torch.isfinite(denoising_sum + probe_sum), ~torch.isfinite(grad_norm)]).float().reshape(2)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    loss_bad, grad_bad = (bool(v > 0) for v in flags.tolist())
+    if loss_bad or (grad_bad and scaler is None):  # with fp16 an overflow is the scaler's to handle
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()  # unscale_ ran in clip_grad_norm_; reset the scaler and back off its scale
+        return None, "loss" if loss_bad else "gradient norm"
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return (denoising_sum, probe_sum, accuracy_sum, grad_norm), None
+
+
+def main(args):
+    """Train; returns the final step. Raises TrainingError on bad flags/data, TrainingDiverged
+    after --max-nonfinite consecutive non-finite steps."""
+    # ---- setup ----
+    exp_dir = os.path.join(args.output_dir, args.exp_name)
+    checkpoint_dir = os.path.join(exp_dir, "checkpoints")
+    accelerator = make_accelerator(args, exp_dir)
     device, is_main = accelerator.device, accelerator.is_main_process
     if is_main:
         os.makedirs(checkpoint_dir, exist_ok=True)
     accelerator.wait_for_everyone()
     setup_logging(exp_dir, is_main)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    # ---- flags vs data: every user error surfaces here, before any training ----
-    # The authors' meaning: --batch-size samples per micro-step over all processes, so one optimizer
-    # step sees --batch-size x --gradient-accumulation-steps samples.
-    accum = args.gradient_accumulation_steps
-    global_batch = args.batch_size * accum
     if args.batch_size % accelerator.num_processes:
         raise TrainingError(f"--batch-size {args.batch_size} is not divisible by the {accelerator.num_processes} "
                             "processes; each process takes --batch-size / processes samples per micro-step")
-    dataset = open_dataset(args)
-    if args.num_classes < dataset.num_classes:
-        raise TrainingError(f"--num-classes {args.num_classes} is smaller than the {dataset.num_classes} classes "
-                            f"of {args.data_dir} (labels up to {int(dataset.labels.max())})")
-    vae = load_preview_vae(args, accelerator)
-    in_channels, input_size = data_geometry(args, dataset, vae)
-    model_kwargs = tu.model_kwargs_from_args(args, in_channels, input_size)
-    args.model_kwargs = model_kwargs
-    args.random_crop = model_kwargs["crop_start"] is not None
-    args.crop_end = model_kwargs["crop_end"] if args.random_crop else args.crop_end
-    args.learning_rate_class = tu.classifier_learning_rate(args)
-    args.num_processes = accelerator.num_processes
-    resume_path = tu.resolve_resume(checkpoint_dir, args.resume_step)
 
-    # ---- model, EMA, optimizer ----
-    torch.manual_seed(args.seed)  # same init on every process and for every process count
-    try:
-        model = SiT(**model_kwargs)
-    except ValueError as exc:
-        raise TrainingError(str(exc)) from None
-    model = model.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    classifier_params = list(model.classifier.parameters())
-    other_params = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
-    optimizer = torch.optim.AdamW(
-        [{"params": other_params, "weight_decay": args.adam_weight_decay},
-         {"params": classifier_params, "lr": args.learning_rate_class, "weight_decay": args.adam_weight_decay_class}],
-        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-        fused=device.type == "cuda")  # one kernel for all parameters on GPUs
-    loss_fn = LSEPLoss(prediction=args.prediction, path_type=args.path_type, weighting=args.weighting,
+    # ---- data: every user error surfaces here, before any training ----
+    dataset = open_dataset(args)
+    vae = load_preview_vae(args, accelerator)
+    check_data_vae(args, dataset, vae)
+    in_channels, input_size = data_geometry(args, dataset, vae)
+
+    # ---- model config (flags + data, or the checkpoint being resumed), model, optimizer, loss ----
+    resume_path = resolve_resume(checkpoint_dir, args.resume_step)
+    resumed = load_checkpoint_file(resume_path) if resume_path else None
+    config = training_config(args, in_channels, input_size, resumed, f"checkpoint {resume_path}")
+    if dataset.num_classes > config.num_classes:
+        raise TrainingError(f"--num-classes {config.num_classes} is smaller than the {dataset.num_classes} classes "
+                            f"of {args.data_dir} (labels up to {int(dataset.labels.max())})")
+    model, ema, optimizer = build_model_and_optimizer(args, config, device)
+    loss_fn = LSEPLoss(prediction=args.prediction, path_type=config.path_type, weighting=args.weighting,
                        weights_type=args.weights_type, weight_class=args.weight_class,
                        weight_start=args.weight_start, weight_end=args.weight_end, n_weights=args.n_weights)
-
-    step, samples_seen, nonfinite = 0, 0, {"consecutive": 0, "total": 0}
     model, optimizer = accelerator.prepare(model, optimizer)  # never the dataloader: we shard it ourselves
     if args.compile:  # the training forward + loss trace as one graph (tests/test_perf_paths.py)
         model = torch.compile(model, backend=args.compile_backend)
     scaler = accelerator.scaler
-    if resume_path is not None:
-        checkpoint = load_checkpoint_file(resume_path)
-        saved = getattr(checkpoint.get("args"), "model_kwargs", None)
-        ignore = {"fused_attn"}
-        if saved is not None and {k: v for k, v in saved.items() if k not in ignore} != \
-                {k: v for k, v in model_kwargs.items() if k not in ignore}:
-            raise TrainingError(f"{resume_path} was trained with model {saved}, but these flags give {model_kwargs}")
-        step, samples_seen, nonfinite = tu.restore_checkpoint(checkpoint, unwrap_model(model), ema, optimizer, scaler)
-        for group, lr, decay in zip(optimizer.param_groups, (args.learning_rate, args.learning_rate_class),
-                                    (args.adam_weight_decay, args.adam_weight_decay_class)):
-            group.update(lr=lr, weight_decay=decay)  # the flags win over the saved values
-        data_info = checkpoint.get("data") or {}
-        if data_info.get("dataset_size", len(dataset)) != len(dataset):
-            logger.warning(f"the dataset has changed size since {resume_path}: the data order differs from an unbroken run")
-        samples_seen = step * global_batch if samples_seen is None else samples_seen
-        del checkpoint
-        logger.info(f"Resumed from {resume_path} at step {step} ({samples_seen:,} samples seen)")
-    elif tu.list_checkpoints(checkpoint_dir) and is_main:
+
+    # ---- resume ----
+    step, samples_seen, nonfinite = 0, 0, {"consecutive": 0, "total": 0}
+    if resumed is not None:
+        step, samples_seen, nonfinite = restore_training_state(resumed, resume_path, args, config, model, ema,
+                                                               optimizer, scaler, dataset)
+    elif list_checkpoints(checkpoint_dir) and is_main:
         logger.warning(f"{checkpoint_dir} already holds checkpoints; this fresh run (--resume-step 0) overwrites "
                        "them as it reaches their steps (--resume-step -1 resumes from the latest)")
-
-    steps_for_epochs = math.ceil(args.epochs * len(dataset) / global_batch)
-    total_steps = min(args.max_train_steps, steps_for_epochs)
-    model.train()
-    ema_params = list(ema.parameters())
-    model_params = list(unwrap_model(model).parameters())
-    loader = build_dataloader(args, dataset, accelerator, step, samples_seen)
-    data_iter = iter(loader)
-
+    provenance = run_provenance(resumed and resumed.get("provenance"), args, dataset, accelerator)
+    del resumed
+    global_batch = global_batch_size(args)
+    total_steps = min(args.max_train_steps, math.ceil(args.epochs * len(dataset) / global_batch))
+    data_iter = iter(build_dataloader(args, dataset, accelerator, step, samples_seen))
+    ema_params, model_params = list(ema.parameters()), list(unwrap_model(model).parameters())
     if is_main:
-        with open(os.path.join(exp_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        logger.info(f"Experiment directory {exp_dir}")
-        logger.info(f"SiT parameters: {sum(p.numel() for p in model_params):,}; model {model_kwargs}")
-        logger.info(f"Dataset: {len(dataset):,} items ({args.data_dir}, {'pixels' if args.vae == 'none' else 'latents'})")
-        logger.info(f"Global batch {global_batch} per optimizer step = {accelerator.num_processes} processes x {accum} "
-                    f"accumulation steps x {args.batch_size // accelerator.num_processes} per micro-batch "
-                    f"(the authors fix 256; any size works); {total_steps} steps "
-                    f"(--max-train-steps {args.max_train_steps}, --epochs {args.epochs}); "
-                    f"classifier lr {args.learning_rate_class}; {accelerator.mixed_precision} precision")
-    accelerator.init_trackers(project_name="LSEP", config=tracker_config(args),
+        write_json(os.path.join(exp_dir, "args.json"), {"args": vars(args), "config": config.to_dict(),
+                                                        "provenance": provenance})
+        log_run_summary(args, config, dataset, accelerator, total_steps, exp_dir, provenance)
+    accelerator.init_trackers(project_name="LSEP", config=tracker_config(args, config),
                               init_kwargs={"wandb": {"name": args.exp_name, "dir": exp_dir}})
 
+    # ---- loop ----
+    model.train()
     stats_path = os.path.join(exp_dir, "stats.jsonl")
-    preview = preview_noise(args, model_kwargs, device) if is_main and args.sampling_steps > 0 else None
-    guard = tu.NonFiniteGuard(args.max_nonfinite, **nonfinite)
-    stats = tu.StepStats(device)
-    nan_steps = parse_step_list(args.debug_nan_steps)
-    last_checkpoint = resume_path
+    preview = preview_noise(args, config, device) if is_main and args.sampling_steps > 0 else None
+    guard, stats = NonFiniteGuard(args.max_nonfinite, **nonfinite), StepStats(device)
+    nan_steps, last_checkpoint = parse_step_list(args.debug_nan_steps), resume_path
     progress = tqdm(total=total_steps, initial=step, desc="Steps", disable=not accelerator.is_local_main_process)
     start_time = time.time()
     try:
         while step < total_steps:
-            # ---- one optimizer step: accum micro-batches, each seeded by (seed, step, shard) ----
-            denoising_sum = probe_sum = accuracy_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                moments, labels = next(data_iter)
-                tu.seed_step(args.seed, step, accelerator.process_index * accum + micro, device)
-                x = moments.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                if args.vae == "none":
-                    x = uint8_to_pixels(x)
-                else:
-                    x = sample_posterior(x)
-                sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
-                with sync:
-                    denoising_loss, probe_loss, probe_accuracy = loss_fn(model, x, dict(y=labels))
-                    denoising_loss = denoising_loss.mean()
-                    if step + 1 in nan_steps:
-                        denoising_loss = denoising_loss * float("nan")
-                    accelerator.backward((denoising_loss + probe_loss) / accum)
-                denoising_sum = denoising_sum + denoising_loss.detach() / accum
-                probe_sum = probe_sum + probe_loss.detach() / accum
-                accuracy_sum = accuracy_sum + probe_accuracy.detach() / accum
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-
-            # ---- non-finite guard: one reduced flag, so every process takes the same branch ----
-            loss_bad = ~torch.isfinite(denoising_sum + probe_sum)
-            grad_bad = ~torch.isfinite(grad_norm)
-            flags = torch.stack([loss_bad, grad_bad]).float().reshape(2)
-            if accelerator.num_processes > 1:
-                flags = accelerator.reduce(flags, reduction="sum")
-            loss_bad, grad_bad = (bool(v > 0) for v in flags.tolist())
-            bad = loss_bad or (grad_bad and scaler is None)  # with fp16 an overflow is the scaler's to handle
+            losses, bad = run_optimizer_step(model, loss_fn, optimizer, scaler, data_iter, args, step, accelerator,
+                                             nan_steps)
             if bad:
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.update()  # unscale_ ran in clip_grad_norm_; reset the scaler and back off its scale
                 stats.skipped += 1
+            elif accelerator.optimizer_step_was_skipped:
+                stats.overflows += 1
             else:
-                optimizer.step()
-                if accelerator.optimizer_step_was_skipped:
-                    stats.overflows += 1
-                else:
-                    tu.update_ema(ema_params, model_params, args.ema_decay)
-                    stats.add(denoising_sum, probe_sum, accuracy_sum, grad_norm)
-                optimizer.zero_grad(set_to_none=True)
+                update_ema(ema_params, model_params, args.ema_decay)
+                stats.add(*losses)
             step += 1
             samples_seen += global_batch
             stats.samples += global_batch
             progress.update(1)
             if bad:
-                logger.warning(f"step {step}: non-finite {'loss' if loss_bad else 'gradient norm'}; optimizer step "
-                               f"skipped ({guard.consecutive + 1} in a row)")
+                logger.warning(f"step {step}: non-finite {bad}; optimizer step skipped ({guard.consecutive + 1} in a row)")
             diverged = None
             try:
-                guard.record(bad, step, last_checkpoint)
+                guard.record(bool(bad), step, last_checkpoint)
             except TrainingDiverged as exc:
                 diverged = exc
 
-            # ---- logging (the only host syncs besides the guard flag) ----
+            # ---- logging: stats.jsonl, trackers, progress bar ----
             if step % args.log_every == 0 or step == total_steps or diverged is not None:
-                summary = stats.summary(accelerator)
-                record = {"step": step, "kimg": samples_seen / 1e3, "epoch": samples_seen / len(dataset), **summary,
-                          "nonfinite_total": guard.total, "lr": optimizer.param_groups[0]["lr"],
-                          "lr_class": optimizer.param_groups[1]["lr"],
+                record = {"step": step, "kimg": samples_seen / 1e3, "epoch": samples_seen / len(dataset),
+                          **stats.summary(accelerator), "nonfinite_total": guard.total,
+                          "lr": optimizer.param_groups[0]["lr"], "lr_class": optimizer.param_groups[1]["lr"],
                           "loss_scale": scaler.get_scale() if scaler is not None else None,
-                          "time": time.time() - start_time, **tu.memory_stats(device)}
+                          "time": time.time() - start_time, **memory_stats(device)}
                 if is_main:
-                    tu.append_stats(stats_path, record)
+                    append_stats(stats_path, record)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", probe=f"{record['probe_loss']:.4f}",
                                          acc=f"{record['probe_accuracy']:.3f}")
                 accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
@@ -375,33 +390,53 @@ def main(args):
                 logger.error(str(diverged))
                 raise diverged
 
-            # ---- checkpoints: every --checkpointing-steps, every --checkpointing-epochs, and at the end ----
-            epoch_now, epoch_before = samples_seen // len(dataset), (samples_seen - global_batch) // len(dataset)
-            epoch_due = args.checkpointing_epochs > 0 and \
-                epoch_now // args.checkpointing_epochs > epoch_before // args.checkpointing_epochs
-            if (args.checkpointing_steps > 0 and step % args.checkpointing_steps == 0) or epoch_due \
-                    or step == total_steps:
-                path = tu.checkpoint_path(checkpoint_dir, step)
+            # ---- checkpoint: every --checkpointing-steps, every --checkpointing-epochs, and at the end ----
+            if checkpoint_due(args, step, total_steps, samples_seen, global_batch, len(dataset)):
+                last_checkpoint = checkpoint_path(checkpoint_dir, step)
                 if is_main:
-                    checkpoint = tu.build_checkpoint(unwrap_model(model), ema, optimizer, args, step, samples_seen,
-                                                     len(dataset), scaler, guard.state())
-                    atomic_save(checkpoint, path)
-                    logger.info(f"Saved checkpoint to {path}")
-                last_checkpoint = path
+                    atomic_save(build_checkpoint(unwrap_model(model), ema, optimizer, args, config, provenance, step,
+                                                 samples_seen, len(dataset), scaler, guard.state()), last_checkpoint)
+                    logger.info(f"Saved checkpoint to {last_checkpoint}")
                 accelerator.wait_for_everyone()
 
             # ---- preview grid from the EMA model in eval mode ----
             if preview is not None and step % args.sampling_steps == 0:
-                images = make_preview(ema, vae, *preview, args, accelerator)
-                grid = tu.image_grid(images)
-                tu.save_png(grid, os.path.join(exp_dir, "samples", f"{step:07d}.png"))
-                tu.log_image(accelerator, "samples", grid, step)
+                grid = image_grid(make_preview(ema, vae, *preview, config, accelerator))
+                save_png(grid, os.path.join(exp_dir, "samples", f"{step:07d}.png"))
+                log_image(accelerator, "samples", grid, step)
                 logger.info(f"Saved preview samples/{step:07d}.png")
     finally:
         progress.close()
         accelerator.end_training()
     logger.info(f"Done: {step} steps")
     return step
+
+
+def checkpoint_due(args, step, total_steps, samples_seen, global_batch, dataset_size):
+    """True every --checkpointing-steps, when an epoch multiple of --checkpointing-epochs ends, and at the end."""
+    epoch_now, epoch_before = samples_seen // dataset_size, (samples_seen - global_batch) // dataset_size
+    every = args.checkpointing_epochs
+    epoch_due = every > 0 and epoch_now // every > epoch_before // every
+    return (args.checkpointing_steps > 0 and step % args.checkpointing_steps == 0) or epoch_due or step == total_steps
+
+
+def log_run_summary(args, config, dataset, accelerator, total_steps, exp_dir, provenance):
+    accum = args.gradient_accumulation_steps
+    logger.info(f"Experiment directory {exp_dir} (run {provenance['run_id']}, code {provenance['code']})")
+    logger.info(f"Model: {config.describe()}")
+    logger.info(f"Dataset: {len(dataset):,} items ({args.data_dir}, {dataset.mode})")
+    logger.info(f"Global batch {global_batch_size(args)} per optimizer step = {accelerator.num_processes} processes "
+                f"x {accum} accumulation steps x {args.batch_size // accelerator.num_processes} per micro-batch "
+                f"(the authors fix 256; any size works); {total_steps} steps (--max-train-steps "
+                f"{args.max_train_steps}, --epochs {args.epochs}); classifier lr "
+                f"{classifier_learning_rate(args, config)}; {accelerator.mixed_precision} precision")
+
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
 
 
 def parse_step_list(text):
@@ -429,21 +464,27 @@ def parse_args(argv=None):
     parser.add_argument("--resume-step", type=int, default=0,
                         help="resume from <exp>/checkpoints/<N:07d>.pt; -1 = the latest one, or a fresh start if none")
     parser.add_argument("--log-every", type=int, default=100, help="stats/tracker/progress-bar update every N steps")
-    # model
-    parser.add_argument("--model", type=str, default=None, help=f"one of {', '.join(SiT_models)}")
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--encoder-depth", type=int, default=8)
+    # model: flags that set a ModelConfig field default to the resumed checkpoint's value, else to
+    # the authors' default (shown in the help); a flag that contradicts the checkpoint is an error
+    d = DEFAULTS
+    parser.add_argument("--model", type=str, default=None, choices=MODEL_NAMES, metavar="MODEL",
+                        help=f"one of {', '.join(MODEL_NAMES)} (required for a fresh run)")
+    parser.add_argument("--num-classes", type=int, default=None, help=f"default {d['num_classes']}")
+    parser.add_argument("--encoder-depth", type=int, default=None,
+                        help=f"block after which the probe reads the tokens (default {d['encoder_depth']})")
     parser.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile the model (first steps are slow while it compiles)")
     parser.add_argument("--compile-backend", type=str, default="inductor", help=argparse.SUPPRESS)
-    parser.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument("--uncond-prob", type=float, default=0.9, help="null-label probability of the probe branch")
-    parser.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None, help="default off")
+    parser.add_argument("--uncond-prob", type=float, default=None,
+                        help=f"null-label probability of the probe branch (default {d['uncond_prob']})")
+    parser.add_argument("--probe", action=argparse.BooleanOptionalAction, default=None,
                         help="--no-probe trains the SiT baseline: no probe branch, no probe loss, all else equal")
     parser.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=None,
                         help="default: on when --crop-start is below the token grid side; --no-random-crop forces off")
-    parser.add_argument("--crop-start", type=int, default=16, help="smallest probe window side, in tokens")
+    parser.add_argument("--crop-start", type=int, default=None,
+                        help=f"smallest probe window side, in tokens (default {d['crop_start']}: off at 256 px)")
     parser.add_argument("--crop-end", type=int, default=None,
                         help="exclusive largest side; default grid side + 1 (the authors' 17 at 256 px, patch 2)")
     parser.add_argument("--hidden-size", type=int, default=None, help="override the config's width")
@@ -452,7 +493,8 @@ def parse_args(argv=None):
     parser.add_argument("--patch-size", type=int, default=None, help="override the config's patch size")
     # dataset
     parser.add_argument("--data-dir", type=str, default="../data/imagenet256")
-    parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (checked against the data)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image side in pixels; default: the data's (given, it is checked against the data)")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="samples per micro-step over all processes (the authors' meaning); an optimizer "
                              "step sees --batch-size x --gradient-accumulation-steps")
@@ -483,10 +525,12 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=8)
     # loss
-    parser.add_argument("--path-type", type=str, default="linear", choices=["linear", "cosine"])
+    parser.add_argument("--path-type", type=str, default=None, choices=PATH_TYPES, help="default linear")
     parser.add_argument("--prediction", type=str, default="v", choices=["v"])
-    parser.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout of the main branch (for CFG)")
+    parser.add_argument("--cfg-prob", type=float, default=None,
+                        help=f"label dropout of the main branch, for CFG (default {DEFAULTS['class_dropout_prob']})")
     parser.add_argument("--weighting", type=str, default="uniform", choices=["uniform", "lognormal"])
+    # kept only so the authors' launch scripts run unchanged; it selects nothing in their code either
     parser.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False, help="accepted, unused")
     # LSEP probe loss
     parser.add_argument("--weights-type", type=str, default="constant", choices=["constant", "steps"])
@@ -498,11 +542,7 @@ def parse_args(argv=None):
     parser.add_argument("--debug-nan-steps", type=str, default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.model is None:
-        parser.error(f"--model is required: one of {', '.join(SiT_models)}")
-    if args.model not in SiT_models:
-        parser.error(f"--model {args.model!r} is not a SiT config; choose one of {', '.join(SiT_models)}")
-    for flag in ("batch_size", "gradient_accumulation_steps", "log_every", "resolution", "max_train_steps", "epochs"):
+    for flag in ("batch_size", "gradient_accumulation_steps", "log_every", "max_train_steps", "epochs"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     for flag in ("sampling_steps", "checkpointing_steps", "checkpointing_epochs", "max_nonfinite", "num_workers"):

@@ -19,11 +19,11 @@ import time
 
 import torch
 
-from models import SIT_SIZES, SiT_models
+from models.checkpoint import config_from_checkpoint, extract_state_dict
+from models.config import DEFAULTS, MODEL_NAMES, ConfigError, resolve_config
 from seeding import derive_seed
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
-MODEL_NAME = re.compile(r"^SiT-(S|B|L|XL)/(\d+)$")
 
 
 class TrainingError(RuntimeError):
@@ -35,71 +35,84 @@ class TrainingDiverged(RuntimeError):
 
 
 #################################################################################
-#                                  Model config                                 #
+#                         Model config and run provenance                       #
 #################################################################################
 
-def parse_model_name(name):
-    """'SiT-XL/2' -> ('XL', 2). Unknown names raise TrainingError listing the choices."""
-    match = MODEL_NAME.match(name or "")
-    if match is None or name not in SiT_models:
-        raise TrainingError(f"--model {name!r} is not a SiT config; choose one of {', '.join(SiT_models)}")
-    return match.group(1), int(match.group(2))
+# config field -> train.py flag dest, for the flags that set a ModelConfig field
+CONFIG_FLAGS = {"num_classes": "num_classes", "encoder_depth": "encoder_depth", "qk_norm": "qk_norm",
+                "uncond_prob": "uncond_prob", "probe": "probe", "path_type": "path_type",
+                "class_dropout_prob": "cfg_prob", "hidden_size": "hidden_size", "depth": "depth",
+                "num_heads": "num_heads", "patch_size": "patch_size", "model": "model",
+                "random_crop": "random_crop", "crop_start": "crop_start", "crop_end": "crop_end"}
 
 
-def model_kwargs_from_args(args, in_channels, input_size):
-    """The full SiT(...) constructor kwargs for these flags and data (stored as args.model_kwargs).
-
-    Size flags (--hidden-size, --depth, --num-heads, --patch-size) override the config's. The
-    probe crop is on when --crop-start is below the token grid side (and --no-random-crop was not
-    given); its exclusive end is --crop-end when given, else grid + 1 (the authors' 17 at 256 px
-    with patch 2). A window that does not fit raises a TrainingError naming the flag.
-    """
-    size, patch = parse_model_name(args.model)
-    depth, hidden, heads = SIT_SIZES[size]
-    kwargs = dict(
-        input_size=int(input_size),
-        patch_size=int(args.patch_size or patch),
-        in_channels=int(in_channels),
-        hidden_size=int(args.hidden_size or hidden),
-        depth=int(args.depth or depth),
-        num_heads=int(args.num_heads or heads),
-        mlp_ratio=4.0,
-        class_dropout_prob=float(args.cfg_prob),
-        num_classes=int(args.num_classes),
-        encoder_depth=int(args.encoder_depth),
-        uncond_prob=float(args.uncond_prob),
-        crop_start=None,
-        crop_end=None,
-        qk_norm=bool(args.qk_norm),
-        fused_attn=bool(args.fused_attn),
-        probe=bool(getattr(args, "probe", True)),
-    )
-    if kwargs["input_size"] % kwargs["patch_size"]:
-        raise TrainingError(f"input size {input_size} (from the data at --resolution {args.resolution}) is not "
-                            f"divisible by the patch size {kwargs['patch_size']} (--model / --patch-size)")
-    if kwargs["hidden_size"] % kwargs["num_heads"]:
-        raise TrainingError(f"--hidden-size {kwargs['hidden_size']} is not divisible by --num-heads {kwargs['num_heads']}")
-    if not 1 <= kwargs["encoder_depth"] <= kwargs["depth"]:
-        raise TrainingError(f"--encoder-depth {args.encoder_depth} must be in [1, depth={kwargs['depth']}]")
-    grid = kwargs["input_size"] // kwargs["patch_size"]
-    if args.random_crop is not False and args.crop_start < grid:
-        crop_end = grid + 1 if args.crop_end is None else args.crop_end
-        if args.crop_start < 1 or crop_end <= args.crop_start:
-            raise TrainingError(f"--crop-start {args.crop_start} / --crop-end {crop_end}: need 1 <= start < end")
-        if crop_end > grid + 1:
-            raise TrainingError(f"--crop-end {crop_end} (exclusive) allows windows larger than the {grid}x{grid} "
-                                f"token grid (input {kwargs['input_size']}, patch {kwargs['patch_size']}); "
-                                f"set --crop-end <= {grid + 1} or leave it out")
-        kwargs["crop_start"], kwargs["crop_end"] = int(args.crop_start), int(crop_end)
-    return kwargs
+def training_config(args, in_channels, input_size, checkpoint=None, source=None):
+    """The ModelConfig of this run: the data fixes the input (channels, side); a resumed
+    checkpoint fixes everything it records (a flag contradicting it is a TrainingError naming
+    both); flags set the rest, else the authors' defaults (``models.config.DEFAULTS``)."""
+    given = {field: getattr(args, dest) for field, dest in CONFIG_FLAGS.items()}
+    data = {"in_channels": in_channels, "input_size": input_size}
+    try:
+        if checkpoint is None:
+            if args.model is None:
+                raise ConfigError(f"--model is required for a fresh run: one of {', '.join(MODEL_NAMES)}")
+            return resolve_config(data, given, DEFAULTS, "the data")
+        config, _ = config_from_checkpoint(checkpoint, extract_state_dict(checkpoint, "model"), given,
+                                           DEFAULTS, source)
+    except ConfigError as exc:
+        raise TrainingError(str(exc)) from None
+    for key, value in data.items():
+        if getattr(config, key) != value:
+            raise TrainingError(f"{source} was trained on inputs with {key}={getattr(config, key)} but --data-dir "
+                                f"{args.data_dir} gives {value}; resume with the data (and --vae) it was trained on")
+    return config
 
 
-def classifier_learning_rate(args):
+def global_batch_size(args):
+    """Samples per optimizer step: --batch-size (per micro-step, over all processes; the authors'
+    meaning) times --gradient-accumulation-steps."""
+    return args.batch_size * args.gradient_accumulation_steps
+
+
+def classifier_learning_rate(args, config):
     """--learning-rate-class when given; else the authors' rule: 3e-2 for SiT-B, 1e-4 otherwise."""
     if args.learning_rate_class is not None:
         return args.learning_rate_class
-    size, _ = parse_model_name(args.model)
-    return 3e-2 if size == "B" else 1e-4
+    name = args.model or config.model
+    return 3e-2 if name.startswith("SiT-B/") else 1e-4
+
+
+def code_version(root=None):
+    """The git commit of this codebase (with '+dirty' for uncommitted changes), or None."""
+    import subprocess
+
+    root = root or os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+dirty" if dirty else "")) or None
+
+
+def run_provenance(previous, args, dataset, accelerator):
+    """What made this run's checkpoints: a run id (kept across resumes), start time, code version,
+    the data (folder, size, mode, the VAE record of its latents) and the launch."""
+    import datetime
+    import uuid
+
+    previous = previous or {}
+    return {
+        "run_id": previous.get("run_id") or uuid.uuid4().hex[:16],
+        "started": previous.get("started") or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "code": code_version(),
+        "data": {"data_dir": os.path.abspath(args.data_dir), "items": len(dataset), "mode": dataset.mode,
+                 "vae": getattr(dataset, "vae_record", None)},
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+    }
 
 
 #################################################################################
@@ -219,8 +232,10 @@ def resolve_resume(checkpoint_dir, resume_step):
                         f"available steps in {checkpoint_dir}: {listing} (--resume-step -1 takes the latest)")
 
 
-def build_checkpoint(model, ema, optimizer, args, step, samples_seen, dataset_size, scaler=None, nonfinite=None):
-    """The authors' layout (model, ema, opt, args, steps, epoch) plus what exact resume needs.
+def build_checkpoint(model, ema, optimizer, args, config, provenance, step, samples_seen, dataset_size, scaler=None,
+                     nonfinite=None):
+    """The authors' layout (model, ema, opt, args, steps, epoch) plus the model config, the run's
+    provenance and what exact resume needs. ``args`` are the flags as parsed, never rewritten.
 
     Everything is a tensor, dict, list, number, str, None or argparse.Namespace, so the file
     loads with ``torch.load(weights_only=True)`` (``models.checkpoint.load_checkpoint_file``).
@@ -231,10 +246,12 @@ def build_checkpoint(model, ema, optimizer, args, step, samples_seen, dataset_si
         "opt": optimizer.state_dict(),
         "args": argparse.Namespace(**vars(args)),
         "steps": int(step),
+        "config": config.to_dict(),
+        "provenance": provenance,
         "epoch": int(samples_seen // dataset_size),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "data": {"samples_seen": int(samples_seen), "dataset_size": int(dataset_size),
-                 "global_batch": int(args.batch_size * args.gradient_accumulation_steps), "seed": int(args.seed)},
+                 "global_batch": int(global_batch_size(args)), "seed": int(args.seed)},
         "nonfinite": dict(nonfinite or {"consecutive": 0, "total": 0}),
     }
 

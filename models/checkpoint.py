@@ -5,18 +5,22 @@ SiT and REPA checkpoints (no ``classifier.*``; REPA adds ``projectors.*``), and 
 dicts. Writes atomically: a crash mid-save leaves the previous file intact.
 """
 import argparse
+import hashlib
+import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
+
+from fileio import atomic_write, payload_bytes
+from models.config import (DEFAULTS, MODEL_NAMES, SIT_SIZES, ConfigError, ModelConfig, config_from_sit_kwargs,
+                           parse_model_name, resolve_config, resolve_crop)
 
 # Heads of other codebases that a SiT does not have (reported as ignored, not unexpected).
 IGNORED_PREFIXES = ("projectors.",)           # REPA's projection heads
 OPTIONAL_PREFIXES = ("classifier.",)          # the LSEP probe, absent from SiT / REPA weights
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
 MODEL_KWARGS_KEY = "model_kwargs"             # train.py stores SiT(...) kwargs as args.model_kwargs
-SIZE_KWARGS = ("depth", "hidden_size", "num_heads", "patch_size")
 
 
 class CheckpointError(RuntimeError):
@@ -26,8 +30,6 @@ class CheckpointError(RuntimeError):
 def atomic_save(obj, path):
     """torch.save via fileio.atomic_write: temporary `.tmp-<host>-<pid>-<name>`, fsync, rename over
     ``path``. A crash leaves the previous file intact; a full disk raises fileio.DiskFull (one line)."""
-    from fileio import atomic_write, payload_bytes
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda f: torch.save(obj, f), expected_bytes=payload_bytes(obj))
 
@@ -133,3 +135,139 @@ def load_model_weights(model, path, which="ema", strict=False):
     """Read ``path`` and load its ``which`` weights into ``model``; returns the LoadReport."""
     state = extract_state_dict(load_checkpoint_file(path), which)
     return load_state_into(model, state, source=f"checkpoint {path}", strict=strict)
+
+
+#################################################################################
+#                  One loader: a model and its config from any checkpoint        #
+#################################################################################
+
+def weights_sha256(state, prefixes=None):
+    """Content hash of a state dict (names, dtypes, shapes and bytes, in sorted name order);
+    ``prefixes`` restricts it to keys starting with one of them. The identity of a set of weights."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        if prefixes is not None and not key.startswith(tuple(prefixes)):
+            continue
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def shape_facts(state):
+    """Config fields that the weights themselves fix: sizes, channels, input size, qk-norm, classes."""
+    facts = {"qk_norm": any(".attn.q_norm." in k for k in state)}
+    proj, pos = state.get("x_embedder.proj.weight"), state.get("pos_embed")
+    if proj is not None and proj.ndim == 4:
+        facts.update(hidden_size=proj.shape[0], in_channels=proj.shape[1], patch_size=proj.shape[2])
+        if pos is not None:
+            facts["input_size"] = math.isqrt(pos.shape[1]) * proj.shape[2]
+        fc1 = state.get("blocks.0.mlp.fc1.weight")
+        if fc1 is not None:
+            facts["mlp_ratio"] = fc1.shape[0] / proj.shape[0]
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+    if blocks:
+        facts["depth"] = max(blocks) + 1
+    head = state.get("classifier.1.weight")
+    if head is not None:
+        facts["num_classes"] = head.shape[0]
+    return facts
+
+
+def stored_facts(checkpoint, state):
+    """(config fields a checkpoint records, its kind): ours ("config"), ours before the config
+    object ("model_kwargs"), the authors' or REPA's training args, or none ("state dict")."""
+    if not isinstance(checkpoint, dict):
+        return {}, "state dict"
+    if isinstance(checkpoint.get("config"), dict):
+        return ModelConfig.from_dict(checkpoint["config"]).to_dict(), "config"
+    kwargs = checkpoint_model_kwargs(checkpoint)
+    if kwargs:
+        stored = config_from_sit_kwargs(kwargs).to_dict()
+        stored["path_type"] = checkpoint_args(checkpoint, "path_type", "linear")
+        return stored, "model_kwargs"
+    if checkpoint.get("args") is None:
+        return {}, "state dict"
+    is_repa = any(k.startswith(IGNORED_PREFIXES) for k in state)  # REPA's --encoder-depth is its alignment depth
+    get = lambda name: checkpoint_args(checkpoint, name)  # noqa: E731
+    stored = {"num_classes": get("num_classes"), "qk_norm": get("qk_norm"), "path_type": get("path_type"),
+              "class_dropout_prob": get("cfg_prob")}
+    if get("model") in MODEL_NAMES:  # their --model: its sizes (checked against the weights below)
+        size, patch = parse_model_name(get("model"))
+        stored.update(zip(("depth", "hidden_size", "num_heads"), SIT_SIZES[size]), patch_size=patch)
+    if not is_repa:
+        stored.update(encoder_depth=get("encoder_depth"), uncond_prob=get("uncond_prob"), probe=True)
+        pos = state.get("pos_embed")
+        if get("crop_start") is not None and pos is not None:
+            stored["crop_start"], stored["crop_end"] = resolve_crop(
+                get("crop_start"), get("crop_end"), math.isqrt(pos.shape[1]), get("random_crop"))
+    return {k: v for k, v in stored.items() if v is not None or k.startswith("crop_")}, \
+        "REPA args" if is_repa else "authors' args"
+
+
+def config_from_checkpoint(checkpoint, state, given=None, defaults=None, source="the checkpoint"):
+    """The ModelConfig of ``state`` (the weights read from ``checkpoint``), via
+    ``models.config.resolve_config``: each field comes from what the weights fix, else what the
+    checkpoint records, else the flags ``given`` explicitly, else ``defaults`` (the authors'
+    defaults when None). Returns (config, kind of checkpoint); contradictions raise ConfigError."""
+    facts = shape_facts(state)
+    stored, kind = stored_facts(checkpoint, state)
+    for key, value in facts.items():  # a record that disagrees with its own weights is a broken checkpoint
+        if stored.get(key) is not None and stored[key] != value:
+            raise CheckpointError(f"{source} records {key}={stored[key]} but its weights have {key}={value}")
+    window = (stored.pop("crop_start"), stored.pop("crop_end")) if "crop_start" in stored else None
+    defaults = dict(DEFAULTS if defaults is None else defaults)
+    table = state.get("y_embedder.embedding_table.weight")
+    if table is not None:
+        defaults["num_classes"] = table.shape[0] - 1  # SiT / REPA weights carry a null row
+    config = resolve_config({**stored, **facts}, dict(given or {}), defaults, source, window)
+    if table is not None and table.shape[0] not in (config.num_classes, config.num_classes + 1):
+        raise ConfigError(f"--num-classes {config.num_classes} contradicts {source}, whose label table has "
+                          f"{table.shape[0]} rows")
+    if table is not None and table.shape[0] == config.num_classes and config.has_null_label:
+        config = config.replace(class_dropout_prob=0.0, uncond_prob=0.0)  # no null row: trained without dropout
+    return config, kind
+
+
+@dataclass
+class LoadedModel:
+    """What ``load_model`` returns: the model (eval mode, CPU, gradients off), its config, the load
+    report, and what identifies the weights (their sha256, the training run that made them)."""
+    model: object
+    config: object
+    report: LoadReport
+    path: str
+    which: str
+    weights_sha256: str
+    kind: str
+    steps: int = None
+    provenance: dict = field(default_factory=dict)
+
+    def identity(self):
+        """The checkpoint's part of a sample set's identity."""
+        return {"path": os.path.abspath(self.path), "which": self.which, "weights_sha256": self.weights_sha256,
+                "steps": self.steps, "run_id": self.provenance.get("run_id")}
+
+
+def load_model(path, given=None, defaults=None, which="ema", fused_attn=True, checkpoint=None, hash_weights=True):
+    """Rebuild the model of any checkpoint (ours, the authors', SiT, REPA, bare state dicts) with
+    its ``which`` weights; see ``config_from_checkpoint`` for ``given`` and ``defaults``.
+    ``checkpoint``: the already loaded file, to avoid reading it twice. ``hash_weights=False``
+    skips the sha256 of the weights (seconds for SiT-XL/2) where nobody reads it."""
+    from models.sit import SiT
+
+    checkpoint = load_checkpoint_file(path) if checkpoint is None else checkpoint
+    state = extract_state_dict(checkpoint, which)
+    source = f"checkpoint {path}"
+    config, kind = config_from_checkpoint(checkpoint, state, given, defaults, source)
+    model = SiT(config, fused_attn=fused_attn)
+    report = load_state_into(model, state, source=source)
+    is_dict = isinstance(checkpoint, dict)
+    used = which if is_dict and isinstance(checkpoint.get(which), dict) else \
+        next((k for k in ("ema", "model") if is_dict and isinstance(checkpoint.get(k), dict)), "state dict")
+    steps = checkpoint.get("steps") if is_dict else None
+    return LoadedModel(model=model.eval().requires_grad_(False), config=config, report=report, path=path, which=used,
+                       weights_sha256=weights_sha256(state) if hash_weights else None, kind=kind,
+                       steps=int(steps) if steps is not None else None,
+                       provenance=dict(checkpoint.get("provenance") or {}) if is_dict else {})

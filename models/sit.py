@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 
+from models.config import PATCH_SIZES, SIT_SIZES, config_from_sit_kwargs
+
 
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -159,82 +161,41 @@ class SiT(nn.Module):
     mode and for the baseline (``probe=False``: plain SiT training, same keys).
     """
 
-    def __init__(
-        self,
-        input_size=32,
-        patch_size=2,
-        in_channels=4,
-        hidden_size=1152,
-        depth=28,
-        num_heads=16,
-        mlp_ratio=4.0,
-        class_dropout_prob=0.1,
-        num_classes=1000,
-        encoder_depth=8,
-        uncond_prob=0.9,
-        crop_start=None,
-        crop_end=None,
-        qk_norm=False,
-        fused_attn=True,
-        probe=True,
-        **unused,
-    ):
+    def __init__(self, config=None, fused_attn=True, **kwargs):
+        """``SiT(config)`` with a ``models.config.ModelConfig``, or the authors' keyword arguments
+        (``input_size``, ``patch_size``, ..., ``random_crop_kwargs``), which become one.
+        ``fused_attn`` is a runtime choice (SDPA or manual attention), not part of the config."""
         super().__init__()
-        unknown = set(unused) - {"path_type", "use_cfg", "decoder_hidden_size", "random_crop_kwargs"}
-        if unknown:
-            raise TypeError(f"SiT got unexpected keyword arguments: {sorted(unknown)}")
-        if "random_crop_kwargs" in unused:  # the authors' form: [random_crop, crop_start, crop_end]
-            random_crop, crop_start, crop_end = unused["random_crop_kwargs"]
-            crop_start, crop_end = (crop_start, crop_end) if random_crop else (None, None)
-        if input_size % patch_size:
-            raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
-        if not 1 <= encoder_depth <= depth:
-            raise ValueError(f"encoder_depth={encoder_depth} must be in [1, depth={depth}] (--encoder-depth)")
-        self.in_channels = in_channels
-        self.out_channels = in_channels
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.num_heads = num_heads
-        self.num_classes = num_classes
-        self.encoder_depth = encoder_depth
-        self.class_dropout_prob = class_dropout_prob
-        self.uncond_prob = uncond_prob
-        self.probe = probe  # False: the SiT baseline (no probe branch; classifier kept for the keys)
-        self.grid_size = input_size // patch_size
-        self.crop_start, self.crop_end = self._check_crop(crop_start, crop_end)
+        if config is None:
+            config = config_from_sit_kwargs(kwargs)
+        elif kwargs:
+            raise TypeError(f"SiT(config) takes no other model arguments, got {sorted(kwargs)}")
+        self.config = config
+        hidden_size = config.hidden_size
+        self.in_channels = self.out_channels = config.in_channels
+        self.input_size, self.patch_size, self.grid_size = config.input_size, config.patch_size, config.grid_size
+        self.num_heads, self.num_classes = config.num_heads, config.num_classes
+        self.encoder_depth, self.uncond_prob = config.encoder_depth, config.uncond_prob
+        self.class_dropout_prob = config.class_dropout_prob
+        self.probe = config.probe  # False: the SiT baseline (no probe branch; classifier kept for the keys)
+        self.crop_start, self.crop_end = config.crop_start, config.crop_end
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob > 0 or uncond_prob > 0)
+        self.y_embedder = LabelEmbedder(config.num_classes, hidden_size, config.has_null_label)
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos embedding; a parameter (not a buffer) only to keep the authors' keys.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([
-            SiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, fused_attn=fused_attn)
-            for _ in range(depth)
+            SiTBlock(hidden_size, config.num_heads, mlp_ratio=config.mlp_ratio, qk_norm=config.qk_norm,
+                     fused_attn=fused_attn)
+            for _ in range(config.depth)
         ])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.classifier = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, num_classes))
+        self.final_layer = FinalLayer(hidden_size, config.patch_size, self.out_channels)
+        self.classifier = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, config.num_classes))
         self.initialize_weights()
-        if not probe:  # the baseline never uses the classifier, and DDP refuses parameters without gradients
+        if not config.probe:  # the baseline never uses the classifier, and DDP refuses parameters without gradients
             self.classifier.requires_grad_(False)
-
-    def _check_crop(self, crop_start, crop_end):
-        """Crop is on when crop_start < grid side; crop_end is exclusive (default grid + 1)."""
-        grid = self.grid_size
-        if crop_start is None or crop_start >= grid:
-            return None, None
-        crop_end = grid + 1 if crop_end is None else crop_end
-        if crop_start < 1 or crop_end <= crop_start:
-            raise ValueError(
-                f"crop window sides [{crop_start}, {crop_end}) are empty; need 1 <= --crop-start < --crop-end"
-            )
-        if crop_end > grid + 1:
-            raise ValueError(
-                f"crop window up to {crop_end - 1} tokens does not fit the {grid}x{grid} token grid "
-                f"(input {self.input_size}, patch {self.patch_size}); set --crop-end <= {grid + 1}"
-            )
-        return crop_start, crop_end
 
     def initialize_weights(self):
         def _basic_init(module):
@@ -362,10 +323,6 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #                                   SiT Configs                                 #
 #################################################################################
 
-# name -> (depth, hidden_size, num_heads); the single place model sizes live.
-SIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-
-
 def _make_config(size, patch_size):
     depth, hidden_size, num_heads = SIT_SIZES[size]
 
@@ -377,4 +334,5 @@ def _make_config(size, patch_size):
     return build
 
 
-SiT_models = {f"SiT-{size}/{p}": _make_config(size, p) for size in SIT_SIZES for p in (2, 4, 8)}
+# The authors' constructor table; sizes come from models.config.SIT_SIZES.
+SiT_models = {f"SiT-{size}/{p}": _make_config(size, p) for size in SIT_SIZES for p in PATCH_SIZES}

@@ -140,3 +140,27 @@ def decode_to_uint8(vae, z: torch.Tensor) -> torch.Tensor:
     param = next(vae.parameters())
     x = vae.decode(z.to(param.device, param.dtype) / LATENT_SCALE).sample
     return pixels_to_uint8(x).to(z.device)
+
+
+def vae_identity(vae, spec) -> dict:
+    """What identifies a VAE in the records of artefacts made with it (vae-sd/dataset.json, checkpoints,
+    sample sets): the spec and resolved name, hashes of its config, all its weights, and its
+    encoder half (``encoder.*`` + ``quant_conv.*``, which alone fixes the latents), and its geometry."""
+    import hashlib
+    import json
+
+    from models.checkpoint import weights_sha256
+
+    name = VAE_HUB.get(spec, spec)
+    if not _is_hub_name(name):
+        name = os.path.abspath(os.path.expanduser(name))
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    state = vae.state_dict()
+    return {
+        "spec": spec, "name": name, "class": type(vae).__name__,
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "weights_sha256": weights_sha256(state),
+        "encoder_sha256": weights_sha256(state, prefixes=("encoder.", "quant_conv.")),
+        "latent_channels": latent_channels(vae), "downsample_factor": downsample_factor(vae),
+        "latent_scale": LATENT_SCALE,
+    }

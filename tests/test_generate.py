@@ -52,9 +52,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_inprocess(argv):
-    args = generate.parse_args(argv)
-    generate.main(args)
-    return generate.sample_folder(generate.parse_args(argv))
+    """Run generate.main in this process; returns the sample folder."""
+    return generate.main(generate.parse_args(argv))
 
 
 def run_subprocess(argv, nproc=1):
@@ -100,9 +99,10 @@ def test_same_npz_for_any_process_count_and_batch_size(files):
 
     result = run_subprocess(latent_args(files, out / "c", 2), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
-    folder = generate.sample_folder(generate.parse_args(latent_args(files, out / "c", 2)))
+    folder = generate.main(generate.parse_args(latent_args(files, out / "c", 2, "--print-npz-path")))
     np.testing.assert_array_equal(load(folder), reference)
-    assert os.path.basename(folder) == "SiT-XL-2-enc8-latent-size-16-vae-tinyvae-cfg-2.0-seed-0-sde-"
+    # the authors' naming, with the model and probe depth read from the checkpoint
+    assert os.path.basename(folder) == "custom-enc1-latent-size-16-vae-tinyvae-cfg-2.0-seed-0-sde-"
 
 
 def test_restart_writes_only_missing_pngs_and_matches_unbroken_run(files, capsys):
@@ -116,7 +116,7 @@ def test_restart_writes_only_missing_pngs_and_matches_unbroken_run(files, capsys
     open(os.path.join(folder, ".tmp-123-000009.png"), "wb").write(b"trunc")  # a killed write
 
     run_inprocess(pixel_args(files, out / "killed", 5))  # another batch size on restart
-    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(12)] + ["settings.json"]
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(12)] + ["provenance.json"]
     assert {n: t for n, t in pngs(folder).items() if n in first} == first
     np.testing.assert_array_equal(load(folder), unbroken)
     first_all = pngs(folder)
@@ -196,7 +196,8 @@ def test_user_errors_give_one_line_and_exit_code_2(files):
                              "--num-classes", "4", "--num-fid-samples", "2", "--sample_dir", out, "--device", "cpu"])
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "does not fit this model" in lines[0] and "Traceback" not in result.stderr
+    assert len(lines) == 1 and "--model SiT-S/8 contradicts checkpoint" in lines[0] and "depth=2" in lines[0]
+    assert "Traceback" not in result.stderr
 
     with pytest.raises(generate.GenerateError, match="divisible"):
         run_inprocess(pixel_args(files, out, 4, "--balanced-labels", "--num-fid-samples", "10"))
@@ -205,10 +206,10 @@ def test_user_errors_give_one_line_and_exit_code_2(files):
     with pytest.raises(generate.GenerateError, match="takes 8x8 inputs but --resolution 16"):
         run_inprocess(pixel_args(files, out, 4, "--resolution", "16"))
     run_inprocess(pixel_args(files, out, 4, "--num-fid-samples", "2", "--name_add", "settings"))
-    with pytest.raises(generate.GenerateError, match="other settings .--num-steps 5 there, 7 now"):
+    with pytest.raises(generate.GenerateError, match="made by something else .num_steps 5 there, 7 now"):
         run_inprocess(pixel_args(files, out, 4, "--num-fid-samples", "2", "--name_add", "settings",
                                  "--num-steps", "7"))
-    with pytest.raises(generate.GenerateError, match="contradicts the checkpoint"):
+    with pytest.raises(generate.GenerateError, match="--num-classes 1000 contradicts checkpoint .*num_classes=4"):
         run_inprocess(pixel_args(files, out, 4, "--num-classes", "1000"))
     for argv in (["--cfg-scale", "0.5", "--ckpt", "x.pt"], ["--cfg-scale", "1.5"]):
         with pytest.raises(SystemExit) as exit_info:

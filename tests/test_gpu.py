@@ -166,9 +166,7 @@ def test_generate_on_cuda_tf32_bf16_and_compile_agree_with_fp32(tmp_path):
         argv = ["--ckpt", str(tmp_path / "model.pt"), "--vae", "none", "--resolution", "16", "--num-fid-samples",
                 "16", "--per-proc-batch-size", "8", "--sample_dir", str(tmp_path / out), "--mode", "sde",
                 "--num-steps", "20", "--cfg-scale", "2.0", "--device", "cuda", *extra]
-        args = generate.parse_args(argv)
-        generate.main(args)
-        with np.load(generate.sample_folder(args) + ".npz") as f:
+        with np.load(generate.main(generate.parse_args(argv)) + ".npz") as f:
             return f["arr_0"].astype(np.float64)
 
     reference = sample("fp32", "--precision", "fp32")

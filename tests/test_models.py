@@ -184,7 +184,7 @@ def test_crop_off_at_or_above_grid_and_too_large_window_refused():
     assert tiny(crop_start=4).crop_start is None  # grid side 4: crop off, pool all tokens
     assert tiny(crop_start=None).sample_crop_window(2, "cpu") is None
     assert tiny(crop_start=2).crop_end == 5  # default end = grid + 1
-    with pytest.raises(ValueError, match=r"does not fit the 4x4 token grid.*--crop-end <= 5"):
+    with pytest.raises(ValueError, match=r"larger than the 4x4 token grid.*--crop-end <= 5"):
         tiny(crop_start=2, crop_end=7)
     with pytest.raises(ValueError, match="--crop-start"):
         tiny(crop_start=3, crop_end=3)

@@ -188,7 +188,7 @@ def test_cli_layers_and_true_label(workspace, tmp_path):
     (dict(data="missing-dir"), "is not a folder"),
     (dict(num_train="300"), "dataset has only 320"),
     (dict(layers="2,7"), "blocks are numbered 1..3"),
-    (dict(bad_ckpt=True), "does not fit"),
+    (dict(bad_ckpt=True), "records hidden_size=32 but its weights have hidden_size=64"),
 ])
 def test_cli_user_errors(workspace, tmp_path, change, message):
     data, ckpt = workspace
@@ -233,4 +233,4 @@ def test_cli_latent_dataset_and_config_name_checkpoint(tmp_path):
     assert main(argv)["top1"] == result["top1"]  # the posterior sample is seeded too
     with pytest.raises(SystemExit) as exit_info:
         main(argv[:5] + ["SiT-B/8"] + argv[6:])
-    assert "does not fit" in str(exit_info.value.code)
+    assert "--model SiT-B/8 contradicts checkpoint" in str(exit_info.value.code)

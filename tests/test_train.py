@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import train
-import train_utils as tu
-from models import SiT
+import train_utils
+from models import ModelConfig, SiT
 from models.checkpoint import load_checkpoint_file, load_model_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,54 +123,58 @@ def assert_nested_equal(a, b, path="opt"):
 #################################################################################
 
 def test_step_batch_sampler_shards_epochs_and_resume():
-    full = tu.StepBatchSampler(10, global_batch=4, num_shards=2, shards=[0, 1], seed=3)
+    full = train_utils.StepBatchSampler(10, global_batch=4, num_shards=2, shards=[0, 1], seed=3)
     it = iter(full)
     stream = [i for _ in range(10) for i in next(it)]  # 5 steps x 2 shards x 2 = 20 samples = 2 epochs
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
     assert stream[:10] != stream[10:]  # each epoch has its own permutation
     # two processes with one shard each see exactly the two halves of every global batch
-    rank0 = iter(tu.StepBatchSampler(10, 4, 2, [0], seed=3))
-    rank1 = iter(tu.StepBatchSampler(10, 4, 2, [1], seed=3))
+    rank0 = iter(train_utils.StepBatchSampler(10, 4, 2, [0], seed=3))
+    rank1 = iter(train_utils.StepBatchSampler(10, 4, 2, [1], seed=3))
     for step in range(5):
         assert next(rank0) + next(rank1) == stream[4 * step:4 * step + 4]
     # resuming at step 3 continues the same stream
-    resumed = iter(tu.StepBatchSampler(10, 4, 2, [0, 1], seed=3, start_step=3))
+    resumed = iter(train_utils.StepBatchSampler(10, 4, 2, [0, 1], seed=3, start_step=3))
     assert next(resumed) + next(resumed) == stream[12:16]
-    assert tu.derive_seed(0, 1, 2) != tu.derive_seed(0, 2, 1)
+    assert train_utils.derive_seed(0, 1, 2) != train_utils.derive_seed(0, 2, 1)
 
 
 def test_update_ema_closed_form():
     ema, model = [torch.full((3,), 2.0), torch.zeros(2)], [torch.full((3,), 4.0), torch.ones(2)]
-    tu.update_ema(ema, model, 0.75)
+    train_utils.update_ema(ema, model, 0.75)
     assert torch.equal(ema[0], torch.full((3,), 2.5)) and torch.equal(ema[1], torch.full((2,), 0.25))
 
 
 def test_authors_rules_classifier_lr_and_crop():
-    args = train.parse_args(["--exp-name", "x", "--model", "SiT-B/2"])
-    assert tu.classifier_learning_rate(args) == 3e-2
-    assert tu.classifier_learning_rate(train.parse_args(["--exp-name", "x", "--model", "SiT-XL/2"])) == 1e-4
+    def config_of(*flags, side=32):
+        return train_utils.training_config(train.parse_args(["--exp-name", "x", *flags]), 4, side)
+
+    b2 = config_of("--model", "SiT-B/2")
+    assert train_utils.classifier_learning_rate(train.parse_args(["--exp-name", "x", "--model", "SiT-B/2"]), b2) == 3e-2
+    assert train_utils.classifier_learning_rate(train.parse_args(["--exp-name", "x"]), b2) == 3e-2  # resumed SiT-B
+    xl = train.parse_args(["--exp-name", "x", "--model", "SiT-XL/2"])
+    assert train_utils.classifier_learning_rate(xl, config_of("--model", "SiT-XL/2")) == 1e-4
     args = train.parse_args(["--exp-name", "x", "--model", "SiT-B/2", "--learning-rate-class", "0.5"])
-    assert tu.classifier_learning_rate(args) == 0.5
+    assert train_utils.classifier_learning_rate(args, b2) == 0.5
     # 256 px, patch 2: 16x16 tokens; crop-start 12 turns the crop on with end 17 (the authors' rule)
-    kw = tu.model_kwargs_from_args(train.parse_args(["--exp-name", "x", "--model", "SiT-XL/2", "--crop-start", "12"]), 4, 32)
-    assert (kw["crop_start"], kw["crop_end"], kw["depth"], kw["hidden_size"]) == (12, 17, 28, 1152)
-    kw = tu.model_kwargs_from_args(train.parse_args(["--exp-name", "x", "--model", "SiT-XL/2"]), 4, 32)
-    assert kw["crop_start"] is None  # default 16 = grid side: plain mean pooling
-    kw = tu.model_kwargs_from_args(train.parse_args(["--exp-name", "x", "--model", "SiT-XL/2", "--crop-start", "20"]), 4, 64)
-    assert (kw["crop_start"], kw["crop_end"]) == (20, 33)  # 512 px
-    with pytest.raises(tu.TrainingError, match="--crop-end"):
-        tu.model_kwargs_from_args(train.parse_args(["--exp-name", "x", "--model", "SiT-XL/2", "--crop-start", "12",
-                                                    "--crop-end", "20"]), 4, 32)
+    config = config_of("--model", "SiT-XL/2", "--crop-start", "12")
+    assert (config.crop_start, config.crop_end, config.depth, config.hidden_size) == (12, 17, 28, 1152)
+    assert config_of("--model", "SiT-XL/2").crop_start is None  # default 16 = grid side: plain mean pooling
+    assert (config_of("--model", "SiT-XL/2", "--crop-start", "20", side=64).crop_end) == 33  # 512 px
+    with pytest.raises(train_utils.TrainingError, match="--crop-end"):
+        config_of("--model", "SiT-XL/2", "--crop-start", "12", "--crop-end", "20")
+    with pytest.raises(train_utils.TrainingError, match="--model is required"):
+        config_of()
 
 
 def test_wandb_offline_without_credentials(tmp_path):
     env = {}
-    assert "offline" in tu.ensure_wandb_cannot_hang(env, str(tmp_path / "netrc"))
+    assert "offline" in train_utils.ensure_wandb_cannot_hang(env, str(tmp_path / "netrc"))
     assert env["WANDB_MODE"] == "offline"
     env = {"WANDB_API_KEY": "k"}
-    assert tu.ensure_wandb_cannot_hang(env, str(tmp_path / "netrc")) is None and "WANDB_MODE" not in env
+    assert train_utils.ensure_wandb_cannot_hang(env, str(tmp_path / "netrc")) is None and "WANDB_MODE" not in env
     env = {"WANDB_MODE": "online"}
-    assert tu.ensure_wandb_cannot_hang(env, str(tmp_path / "netrc")) is None and env["WANDB_MODE"] == "online"
+    assert train_utils.ensure_wandb_cannot_hang(env, str(tmp_path / "netrc")) is None and env["WANDB_MODE"] == "online"
 
 
 #################################################################################
@@ -196,11 +200,12 @@ def test_two_processes_equal_one_process_with_accumulation(latent_dir, tmp_path,
     run(*tiny_argv(latent_dir, tmp_path, "accum", "--max-train-steps", 3, "--gradient-accumulation-steps", 2,
                    "--batch-size", 4, *extra))
     two, accum = ckpt(tmp_path, "two", 3), ckpt(tmp_path, "accum", 3)
-    assert two["args"].num_processes == 2 and accum["args"].num_processes == 1
+    assert two["provenance"]["num_processes"] == 2 and accum["provenance"]["num_processes"] == 1
+    assert two["provenance"]["run_id"] != accum["provenance"]["run_id"]
     assert_states_equal(two["model"], accum["model"], exact=False, atol=1e-5)
     assert_states_equal(two["ema"], accum["ema"], exact=False, atol=1e-5)
     # the runs really trained (the comparison is not between two initialisations)
-    fresh = SiT(**accum["args"].model_kwargs).state_dict()
+    fresh = SiT(ModelConfig.from_dict(accum["config"])).state_dict()
     assert not torch.equal(fresh["final_layer.linear.weight"], accum["model"]["final_layer.linear.weight"])
     assert [r["step"] for r in stats(tmp_path, "two")] == [1, 2, 3]
     np.testing.assert_allclose([r["loss"] for r in stats(tmp_path, "two")],
@@ -237,13 +242,17 @@ def test_checkpoint_layout_matches_authors(latent_dir, tmp_path):
         for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1"):
             expected |= {f"blocks.{block}.{layer}.weight", f"blocks.{block}.{layer}.bias"}
     assert set(checkpoint["model"]) == expected and set(checkpoint["ema"]) == expected
-    kwargs = checkpoint["args"].model_kwargs
-    assert kwargs == {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 2,
-                      "num_heads": 2, "mlp_ratio": 4.0, "class_dropout_prob": 0.1, "num_classes": NUM_LABELS,
-                      "encoder_depth": 1, "uncond_prob": 0.9, "crop_start": 2, "crop_end": 5, "qk_norm": False,
-                      "fused_attn": True, "probe": True}
+    assert checkpoint["config"] == {"model": "custom", "input_size": 8, "patch_size": 2, "in_channels": 4,
+                                    "hidden_size": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0,
+                                    "class_dropout_prob": 0.1, "num_classes": NUM_LABELS, "encoder_depth": 1,
+                                    "uncond_prob": 0.9, "crop_start": 2, "crop_end": 5, "qk_norm": False,
+                                    "path_type": "linear", "probe": True}
+    # the flags are stored as parsed (the authors' key), never rewritten with derived values
+    assert vars(checkpoint["args"]) == vars(train.parse_args(tiny_argv(latent_dir, tmp_path, "layout",
+                                                                       "--max-train-steps", 1)))
+    assert set(checkpoint["provenance"]) >= {"run_id", "started", "code", "data", "num_processes"}
     for which in ("ema", "model"):
-        model = SiT(**kwargs)
+        model = SiT(ModelConfig.from_dict(checkpoint["config"]))
         load_model_weights(model, path, which=which, strict=True)
         assert torch.equal(model.state_dict()["blocks.1.mlp.fc2.weight"], checkpoint[which]["blocks.1.mlp.fc2.weight"])
 
@@ -305,9 +314,8 @@ def test_pixel_mode_previews_and_tensorboard(pixel_dir, tmp_path):
     from PIL import Image
     grid = np.array(Image.open(os.path.join(tmp_path, "pix", "samples", "0000002.png")))
     assert grid.shape == (8 * 10 + 2, 8 * 10 + 2, 3) and grid.std() > 0  # 64 samples, 8x8 with 2 px padding
-    checkpoint = ckpt(tmp_path, "pix", 2)
-    kwargs = checkpoint["args"].model_kwargs
-    assert (kwargs["in_channels"], kwargs["input_size"], kwargs["crop_start"]) == (3, 8, None)
+    config = ckpt(tmp_path, "pix", 2)["config"]
+    assert (config["in_channels"], config["input_size"], config["crop_start"]) == (3, 8, None)
     events = [f for _, _, files in os.walk(os.path.join(tmp_path, "pix", "logs")) for f in files
               if f.startswith("events.out.tfevents")]
     assert events
@@ -330,7 +338,7 @@ def test_report_to_wandb_offline_without_login(latent_dir, tmp_path, monkeypatch
     (["--resume-step", "7"], "available steps"),
 ])
 def test_user_errors_name_the_flag(latent_dir, tmp_path, extra, message):
-    with pytest.raises(tu.TrainingError, match=message):
+    with pytest.raises(train_utils.TrainingError, match=message):
         run(*tiny_argv(latent_dir, tmp_path, "err", "--max-train-steps", 1), *extra)
 
 
@@ -343,12 +351,12 @@ def test_unknown_model_is_a_usage_error(capsys):
 def test_baseline_switch_trains_without_probe(latent_dir, tmp_path):
     run(*tiny_argv(latent_dir, tmp_path, "base", "--max-train-steps", 2, "--no-probe", "--weight-class", 0.5))
     checkpoint = ckpt(tmp_path, "base", 2)
-    assert checkpoint["args"].model_kwargs["probe"] is False
+    assert checkpoint["config"]["probe"] is False
     records = stats(tmp_path, "base")
     assert [r["probe_loss"] for r in records] == [0.0, 0.0] and all(r["loss"] > 0 for r in records)
     # the classifier gets no gradient, so AdamW (weight decay 0) leaves it at its initialisation
     torch.manual_seed(0)  # train.py initialises under --seed
-    init = SiT(**checkpoint["args"].model_kwargs).state_dict()
+    init = SiT(ModelConfig.from_dict(checkpoint["config"])).state_dict()
     assert torch.equal(checkpoint["model"]["classifier.1.weight"], init["classifier.1.weight"])
     assert not torch.equal(checkpoint["model"]["final_layer.linear.weight"], init["final_layer.linear.weight"])
 
