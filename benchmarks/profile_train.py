@@ -3,6 +3,7 @@ CUDA events, and kernels grouped by kind (matmul, attention, fused elementwise, 
 the torch profiler. Uses bench_train.py's step, so the numbers explain its MFU.
 
     python benchmarks/profile_train.py --model SiT-XL/2 --compile
+    python benchmarks/profile_train.py --model SiT-XL/2 --compile --compile-mode reduce-overhead --gelu-epilogue
 """
 import argparse
 import collections
@@ -10,6 +11,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -24,6 +26,7 @@ from models.flops import SiTFlopsConfig, train_step_flops  # noqa: E402
 
 KINDS = (  # first match wins; names of cuBLAS / cuDNN / flash / inductor kernels on Hopper
     ("attention", ("flash", "fmha", "attention")),
+    ("fused norm/residual (models/fused.py)", ("norm_modulate", "gate_residual")),
     ("optimizer", ("adam", "multi_tensor", "foreach", "lerp")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_", "ampere_", "cublas")),
     ("fused elementwise (triton)", ("triton",)),
@@ -116,6 +119,10 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default="default")
+    p.add_argument("--gelu-epilogue", action="store_true", help="models/fused.py levers, as in bench_train.py")
+    p.add_argument("--fused-norm-modulate", action="store_true")
+    p.add_argument("--fp8", action="store_true")
     p.add_argument("--device", default="cuda")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
@@ -131,7 +138,9 @@ def main(argv=None):
                                        class_dropout_prob=0.1, uncond_prob=0.9).train()
     ema = [q.detach().clone() for q in model.parameters()]
     loss_fn = LSEPLoss(weights_type="steps", weight_start=0.0225, weight_end=0.03, n_weights=10)
-    runner = StepRunner(Variant("ours", compile=args.compile), model, ema, loss_fn, device)
+    variant = Variant("ours", compile=args.compile, compile_mode=args.compile_mode, gelu_epilogue=args.gelu_epilogue,
+                      fused_norm=args.fused_norm_modulate, fp8=args.fp8)
+    runner = StepRunner(variant, model, ema, loss_fn, device)
     x = torch.randn(args.batch_size, 4, latent, latent, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     for _ in range(3):
@@ -161,8 +170,8 @@ def main(argv=None):
         by_kind[kind_of(name)] += ms
     gpu_total = sum(by_kind.values())
 
-    name = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"{args.model} batch {args.batch_size} bf16 compile={args.compile} on {name}, "
+    device_label = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"{args.model} batch {args.batch_size} bf16 {variant} on {device_label}, "
           f"torch {torch.__version__}: {flops / 1e12:.2f} TFLOP per step")
     print("\nphase (CUDA events, mean of steps)   ms    share")
     for name, ms in phases.items():
@@ -185,9 +194,10 @@ def main(argv=None):
         print(f"  {ms:7.2f} ms {count:5d}x  {kind_of(name)[:10]:<10} {name[:110]}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(model=args.model, batch_size=args.batch_size, compile=args.compile, torch=torch.__version__,
-                       device=name, flops_per_step=flops, phases_ms=phases,
-                       kinds_ms=dict(by_kind), attention=attention, top=[dict(name=n, ms=m, count=c) for n, (m, c) in top]), f, indent=1)
+        json.dump(dict(model=args.model, batch_size=args.batch_size, compile=args.compile, variant=asdict(variant),
+                       torch=torch.__version__, device=device_label, flops_per_step=flops, phases_ms=phases,
+                       kinds_ms=dict(by_kind), attention=attention,
+                       top=[dict(name=n, ms=m, count=c) for n, (m, c) in top]), f, indent=1)
     return phases, dict(by_kind), attention
 
 

@@ -204,7 +204,8 @@ def _kernels():
             dprod = _rounded(tl.load(DOUT + row * D + cols, mask=mask, other=0.0).to(tl.float32), Y.dtype.element_ty)
             y = tl.load(Y + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             acc += _rounded(dprod * y, Y.dtype.element_ty)  # eager rounds each product, then sums
-            tl.store(DY + row * D + cols, _rounded(dprod * gate, DY.dtype.element_ty).to(DY.dtype.element_ty), mask=mask)
+            dy = _rounded(dprod * gate, DY.dtype.element_ty)
+            tl.store(DY + row * D + cols, dy.to(DY.dtype.element_ty), mask=mask)
         tl.store(DGATE + (chunk * B + b) * D + cols, acc, mask=mask)
 
     return dict(norm_modulate_fwd=norm_modulate_fwd, norm_modulate_bwd=norm_modulate_bwd,

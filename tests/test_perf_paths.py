@@ -293,3 +293,22 @@ def test_speed_lever_variants_and_runner_keep_the_base_model():
     before = [p.detach().clone() for p in model.parameters()]
     runner.step(x, y)  # trains the shared weights
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_lever_numerics_equal_levers_give_the_same_loss_curve(tmp_path):
+    from benchmarks import lever_numerics
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        record = lever_numerics.main([
+            "--device", "cpu", "--model", "SiT-S/8", "--resolution", "64", "--crop-start", "1", "--steps", "3",
+            "--batch-size", "2", "--pool", "2", "--window", "2", "--levers", "gelu-epilogue",
+            "--out", str(tmp_path / "numerics.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(record["base_losses"]) == len(record["lever_losses"]) == 3
+    assert record["base_losses"][0] != record["base_losses"][1]  # the runs train and see new batches
+    torch.testing.assert_close(record["lever_losses"], record["base_losses"], rtol=1e-5, atol=0)
+    assert record["summary"]["param_rel_l2_diff"] < 1e-5
+    assert json.loads((tmp_path / "numerics.json").read_text())["summary"] == record["summary"]
