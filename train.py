@@ -219,6 +219,7 @@ def build_model_and_optimizer(args, config, device):
     classifier as its own parameter group (the authors' --learning-rate-class)."""
     torch.manual_seed(args.seed)
     model = SiT(config, fused_attn=args.fused_attn).to(device)
+    model.grad_checkpoint = args.grad_checkpoint
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     classifier = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
     backbone = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
@@ -476,6 +477,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile the model (first steps are slow while it compiles)")
     parser.add_argument("--compile-backend", type=str, default="inductor", help=argparse.SUPPRESS)
+    parser.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                        help="recompute each block's activations in the backward pass (less memory, more compute)")
     parser.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None, help="default off")
     parser.add_argument("--uncond-prob", type=float, default=None,
                         help=f"null-label probability of the probe branch (default {d['uncond_prob']})")

@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 
 from models.config import PATCH_SIZES, SIT_SIZES, config_from_sit_kwargs
@@ -179,6 +180,7 @@ class SiT(nn.Module):
         self.class_dropout_prob = config.class_dropout_prob
         self.probe = config.probe  # False: the SiT baseline (no probe branch; classifier kept for the keys)
         self.crop_start, self.crop_end = config.crop_start, config.crop_end
+        self.grad_checkpoint = False  # a runtime switch (train.py --grad-checkpoint), not part of the config
 
         self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -269,19 +271,26 @@ class SiT(nn.Module):
         probe_logits = None
         if y_probe is None:
             for block in self.blocks:
-                x = block(x, c)
+                x = self.run_block(block, x, c)
         else:
             batch = x.shape[0]
             c_both = torch.cat([c, t_emb + self.y_embedder(y_probe)])
             x = torch.cat([x, x])
             for block in self.blocks[: self.encoder_depth]:
-                x = block(x, c_both)
+                x = self.run_block(block, x, c_both)
             x, probe_tokens = x[:batch], x[batch:]
             probe_logits = self.classifier(pool_tokens(probe_tokens, window))
             for block in self.blocks[self.encoder_depth:]:
-                x = block(x, c)
+                x = self.run_block(block, x, c)
         x = self.unpatchify(self.final_layer(x, c))
         return x, probe_logits
+
+    def run_block(self, block, x, c):
+        """One block; with ``grad_checkpoint`` (--grad-checkpoint) its activations are recomputed in
+        the backward pass instead of stored (the probe branch's blocks too: they run in the 2B batch)."""
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+        return block(x, c)
 
     @torch.no_grad()
     def pooled_block_features(self, x, t, y):

@@ -258,3 +258,30 @@ def test_authors_constructor_keywords():
     assert off.crop_start is None
     with pytest.raises(TypeError, match="unexpected keyword"):
         SiT_models["SiT-S/2"](input_size=8, num_classes=10, crop_size=3)
+
+
+def test_grad_checkpoint_gives_equal_loss_and_gradients():
+    """--grad-checkpoint recomputes block activations in the backward pass: same numbers, probe branch included."""
+    from loss import LSEPLoss
+
+    torch.manual_seed(0)
+    model = SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10,
+                encoder_depth=2, crop_start=2)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    x, y = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
+    loss_fn = LSEPLoss(weights_type="steps", weight_start=0.1, weight_end=0.3)
+    results = []
+    for checkpointed in (False, True):
+        model.grad_checkpoint = checkpointed
+        model.zero_grad()
+        torch.manual_seed(1)
+        denoising, probe, _ = loss_fn(model.train(), x, dict(y=y))
+        (denoising.mean() + probe).backward()
+        results.append((denoising.detach(), probe.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                             if p.grad is not None}))
+    (d0, p0, g0), (d1, p1, g1) = results
+    assert torch.equal(d0, d1) and torch.equal(p0, p1) and g0.keys() == g1.keys() and len(g0) > 20
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=1e-7, msg=name)
+    assert g0["blocks.0.attn.qkv.weight"].abs().sum() > 0 and g0["classifier.1.weight"].abs().sum() > 0

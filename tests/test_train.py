@@ -368,3 +368,10 @@ def test_compile_flag_traces_the_training_step(latent_dir, tmp_path):
     eager, compiled = ckpt(tmp_path, "eager", 2), ckpt(tmp_path, "compiled", 2)
     assert_states_equal(eager["model"], compiled["model"], exact=False, atol=1e-6)
     assert set(compiled["model"]) == set(eager["model"])  # no _orig_mod. / module. prefixes
+
+
+def test_grad_checkpoint_flag_trains_the_same_weights(latent_dir, tmp_path):
+    run(*tiny_argv(latent_dir, tmp_path, "plain", "--max-train-steps", 2))
+    run(*tiny_argv(latent_dir, tmp_path, "ckpt", "--max-train-steps", 2, "--grad-checkpoint"))
+    assert_states_equal(ckpt(tmp_path, "plain", 2)["model"], ckpt(tmp_path, "ckpt", 2)["model"], exact=False, atol=1e-6)
+    assert ckpt(tmp_path, "ckpt", 2)["args"].grad_checkpoint is True
