@@ -67,7 +67,7 @@ def _read_labels(store, suffixes, fix):
     labels = np.array([table[f] for f in files])
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
         raise DatasetError(f"{store.full_path(LABELS_FILE)}: labels must be non-negative class indices")
-    return files, labels.astype(np.int64), meta.get("class_names")
+    return files, labels.astype(np.int64), meta
 
 
 def _npy_header(store, name):
@@ -130,7 +130,7 @@ class CustomDataset(torch.utils.data.Dataset):
 
     Attributes: labels (np.int64 [N]), num_classes, class_names (or None), resolution (image side in
     pixels), image_shape (3,H,W) and latent_shape (2C,h,w) (None when that part is absent),
-    image_files / latent_files (relative paths, sorted).
+    image_files / latent_files (relative paths, sorted), vae_record (what encode recorded of its VAE, or None).
     Every layout problem raises DatasetError here, naming the file and the fix.
     """
 
@@ -160,16 +160,19 @@ class CustomDataset(torch.utils.data.Dataset):
             )
 
         self.image_files, self.latent_files = [], []
-        self.image_shape = self.latent_shape = self.class_names = None
+        self.image_shape = self.latent_shape = self.class_names = self.vae_record = None
         if self._images is not None:
-            self.image_files, image_labels, self.class_names = _read_labels(self._images, IMAGE_SUFFIXES, convert_fix)
+            self.image_files, image_labels, meta = _read_labels(self._images, IMAGE_SUFFIXES, convert_fix)
+            self.class_names = meta.get("class_names")
             w, h = _png_size(self._images, self.image_files[0])
             self.image_shape = (3, h, w)
             self.labels = image_labels
             if needs_images:
                 self._check_images(check_all_headers)
         if mode == "latent":
-            self.latent_files, self.labels, names = _read_labels(self._latents, LATENT_SUFFIXES, encode_fix)
+            self.latent_files, self.labels, meta = _read_labels(self._latents, LATENT_SUFFIXES, encode_fix)
+            names = meta.get("class_names")
+            self.vae_record = meta.get("vae")  # what encode recorded of the VAE that made the latents
             self.class_names = names if names is not None else self.class_names
             self._check_latents(check_all_headers)
             if self._images is not None:

@@ -2,7 +2,10 @@
 
 Output: `00000/img-mean-std-00000000.npy` (float32 (2C, H/f, W/f), mean then std; (8, 32, 32) for
 the SD-VAE at 256 px), the i-th file from the i-th image in sorted order, and `dataset.json`
-with `{"labels": [[npy_path, class_index], ...], "class_names": [...]}` written last.
+with `{"vae": ..., "encode": ..., "labels": [[npy_path, class_index], ...], "class_names": [...]}` written
+last. "vae" identifies the VAE (models.vae.vae_identity: name, config and weight hashes, the encoder
+half's hash); a rerun into the same folder with a VAE whose encoder differs is refused, and train.py
+checks its --vae against it. `.encode.json` holds the same record while an encode is in progress.
 
 Images are cut into fixed chunks of --batch-size consecutive indices and every chunk is one VAE
 batch, whatever the number of ranks: one-rank, multi-rank and resumed runs see the same batches
@@ -23,7 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from fileio import check_writable
-from models.vae import ENCODE_VAE, downsample_factor, encode_moments, latent_channels, load_vae
+from models.vae import ENCODE_VAE, downsample_factor, encode_moments, latent_channels, load_vae, vae_identity
 from preprocessing.storage import IMAGE_SUFFIXES, LABELS_FILE, DatasetError, FileStore, latent_name
 from preprocessing.transforms import decode_rgb
 
@@ -151,6 +154,36 @@ def _read_source(source, max_images):
     return store, names, [int(table[n]) for n in names], meta.get("class_names")
 
 
+PROGRESS_FILE = ".encode.json"  # the VAE record of an encode in progress (dataset.json is written last)
+
+
+def check_latent_record(dest, record, has_latents):
+    """Refuse, in one line, to add latents of this VAE to a folder whose latents came from another:
+    the encoder weights (encoder.* + quant_conv.*, which alone fix the moments) must hash the same.
+    Returns the VAE record to keep: the stored one when there is one (it made the files there)."""
+    stored = None
+    for name in (LABELS_FILE, PROGRESS_FILE):
+        path = os.path.join(dest, name)
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    stored = json.load(f).get("vae")
+            except (OSError, ValueError, AttributeError):
+                stored = None
+            break
+    if stored is None:
+        if has_latents:
+            raise DatasetError(f"--dest {dest} holds latents without a record of the VAE that made them (an older "
+                               "encode or another tool); encode into a new --dest, or delete the folder")
+        return record["vae"]
+    mine = record["vae"]
+    if stored.get("encoder_sha256") != mine["encoder_sha256"]:
+        raise DatasetError(f"--dest {dest} holds latents of the VAE {stored.get('name')} (encoder "
+                           f"{str(stored.get('encoder_sha256'))[:12]}), not of --vae {mine['spec']} (encoder "
+                           f"{mine['encoder_sha256'][:12]}); encode into a new --dest for this VAE")
+    return stored
+
+
 def encode_dataset(source, dest, vae=ENCODE_VAE, batch_size=32, workers=None, max_images=None,
                    device=None, zip_dest=False, progress=True) -> EncodeSummary:
     """Encode the PNGs of `source` (convert's folder or zip) into moments under the folder `dest`.
@@ -191,6 +224,12 @@ def encode_dataset(source, dest, vae=ENCODE_VAE, batch_size=32, workers=None, ma
                 f"--dest {dest} holds {len(foreign)} .npy files this dataset would not write "
                 f"(e.g. {foreign[0]}): it belongs to another dataset or a larger --max-images; use an empty folder"
             )
+        record = {"vae": vae_identity(model, vae), "encode": {
+            "source": os.path.abspath(source), "images": len(names), "image_size": [width, height],
+            "latent_shape": list(shape), "moments": "float32 (mean, std) of the posterior, unscaled"}}
+        record["vae"] = check_latent_record(dest, record, any(n.endswith(".npy") for n in sizes))
+        if rank == 0:  # before the first latent: a killed run still says which VAE made its files
+            _write_if_changed(os.path.join(dest, PROGRESS_FILE), json.dumps(record, indent=1).encode())
         if world > 1:
             dist.barrier()  # every rank has listed dest before anyone writes to it
 
@@ -231,10 +270,11 @@ def encode_dataset(source, dest, vae=ENCODE_VAE, batch_size=32, workers=None, ma
             for name in final:
                 if name.endswith(".tmp"):  # left by a killed run
                     os.remove(os.path.join(dest, name))
-            meta = {"labels": [[n, y] for n, y in zip(out_names, labels)]}
+            meta = {**record, "labels": [[n, y] for n, y in zip(out_names, labels)]}
             if class_names is not None:
                 meta["class_names"] = class_names
             changed = _write_if_changed(os.path.join(dest, LABELS_FILE), json.dumps(meta).encode())
+            os.remove(os.path.join(dest, PROGRESS_FILE))
             if zip_dest:
                 summary.zip_path = dest + ".zip"
                 if changed or written or not os.path.isfile(summary.zip_path):

@@ -256,3 +256,73 @@ def fresh_accelerate_state_reset():
     from accelerate.state import AcceleratorState, GradientState
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+#################################################################################
+#                 Latents record their VAE; train checks --vae against it       #
+#################################################################################
+
+def _decoder_only_changed(src, dst):
+    """A copy of the VAE at ``src`` whose decoder differs and encoder is equal (like SD-VAE ft-EMA vs ft-MSE)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(src)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if name.startswith("decoder."):
+                p.add_(0.01)
+    vae.save_pretrained(dst)
+    return dst
+
+
+def test_encode_refuses_latents_of_another_vae_and_train_checks_vae(tmp_path, fresh_accelerate_state):
+    from PIL import Image
+
+    from dataset import CustomDataset
+    from preprocessing.dataset_tools import main as tools
+    from preprocessing.storage import DatasetError
+    from preprocessing.synthetic import save_tiny_vae
+
+    raw = tmp_path / "raw"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        os.makedirs(raw / f"n0{i % 2}", exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(raw / f"n0{i % 2}" / f"{i}.png")
+    data = tmp_path / "data"
+    vae_a, vae_b = save_tiny_vae(str(tmp_path / "vae_a"), seed=0), save_tiny_vae(str(tmp_path / "vae_b"), seed=1)
+    vae_a_decoder = _decoder_only_changed(vae_a, str(tmp_path / "vae_a_dec"))
+    tools(["convert", "--source", str(raw), "--dest", str(data / "images"), "--resolution", "32x32", "--workers", "0"])
+    encode = ["encode", "--source", str(data / "images"), "--dest", str(data / "vae-sd"), "--workers", "0"]
+    tools(encode + ["--vae", vae_a])
+    before = {n: open(data / "vae-sd" / "00000" / n, "rb").read() for n in os.listdir(data / "vae-sd" / "00000")}
+    # before: "0 written now, 6 already complete", and the folder kept A's latents under B's name
+    with pytest.raises(SystemExit) as exit_info:
+        tools(encode + ["--vae", vae_b])
+    assert exit_info.value.code not in (0, None)
+    assert {n: open(data / "vae-sd" / "00000" / n, "rb").read() for n in os.listdir(data / "vae-sd" / "00000")} == before
+    with pytest.raises(DatasetError, match=r"holds latents of the VAE .*vae_a .*not of --vae .*vae_b"):
+        from preprocessing.encode import encode_dataset
+        encode_dataset(str(data / "images"), str(data / "vae-sd"), vae=vae_b, workers=0, progress=False)
+    # the same encoder (another decoder) is the same latent space: accepted, nothing rewritten
+    assert encode_dataset(str(data / "images"), str(data / "vae-sd"), vae=vae_a_decoder, workers=0,
+                          progress=False).written == 0
+    record = CustomDataset(str(data)).vae_record
+    assert record["name"] == os.path.abspath(vae_a) and len(record["encoder_sha256"]) == 64
+    assert not os.path.exists(data / "vae-sd" / ".encode.json")
+
+    # train.py: the preview decoder must share the latents' encoder
+    from test_train import tiny_argv
+    argv = tiny_argv(str(data), tmp_path, "vae", "--resolution", 32, "--max-train-steps", 1, "--sampling-steps", 1)
+    with pytest.raises(train.TrainingError, match=r"--vae .*vae_b is not the VAE that encoded"):
+        train.main(train.parse_args(argv + ["--vae", vae_b]))
+    fresh_accelerate_state_reset()
+    train.main(train.parse_args(argv + ["--vae", vae_a_decoder]))
+    checkpoint = torch.load(tmp_path / "vae" / "checkpoints" / "0000001.pt", weights_only=False)
+    assert checkpoint["provenance"]["data"]["vae"]["encoder_sha256"] == record["encoder_sha256"]
+    # generate.py: decoding with a VAE of another encoder is refused, with the right one accepted
+    ckpt = tmp_path / "vae" / "checkpoints" / "0000001.pt"
+    argv = gen_argv(ckpt, tmp_path / "s", "--num-fid-samples", "2", "--per-proc-batch-size", "2")
+    with pytest.raises(generate.GenerateError, match=r"--vae .*vae_b is not the VAE of the latents"):
+        generate.main(generate.parse_args(argv + ["--vae", vae_b]))
+    folder = generate.main(generate.parse_args(argv + ["--vae", vae_a]))
+    assert npz_images(folder).shape == (2, 32, 32, 3)
