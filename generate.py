@@ -443,7 +443,7 @@ def main(args):
         return folder
 
     if payload:
-        sample_indices(args, loaded, vae, payload, folder, rank, world_size, device, channels)
+        sample_indices(args, loaded.model, loaded.config, vae, payload, folder, rank, world_size, device, channels)
     if distributed:
         dist.barrier()
     if rank == 0:
@@ -461,9 +461,11 @@ def main(args):
     return folder
 
 
-def sample_indices(args, loaded, vae, todo, folder, rank, world_size, device, channels):
-    """Sample this rank's share of ``todo`` (batches dealt round-robin) and write their PNGs."""
-    model, config = loaded.model.to(device), loaded.config
+def sample_indices(args, model, config, vae, todo, folder, rank, world_size, device, channels):
+    """Sample this rank's share of ``todo`` (batches dealt round-robin) with ``model`` (its ModelConfig
+    ``config``) and write their PNGs. ``args``: the sampler and label settings of parse_args (train.py's
+    evaluation passes its own, with the same names)."""
+    model = model.to(device)
     if args.cfg_scale > 1 and not config.has_null_label:
         raise GenerateError("--cfg-scale > 1 needs the null-label row, but this model was trained without "
                             "label dropout; use --cfg-scale 1")
