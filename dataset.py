@@ -185,7 +185,8 @@ class CustomDataset(torch.utils.data.Dataset):
         else:
             from models.vae import LATENT_DOWNSAMPLE
 
-            self.resolution = self.latent_shape[1] * LATENT_DOWNSAMPLE
+            factor = (self.vae_record or {}).get("downsample_factor", LATENT_DOWNSAMPLE)  # older encodes: SD-VAE's
+            self.resolution = self.latent_shape[1] * factor
 
     def _check_latents(self, check_all_headers):
         """All .npy files: float32 C-order 3-D arrays of one shape, and complete (size check)."""
