@@ -115,12 +115,16 @@ class PosthocTracking:
     STATE_KEY = "posthoc_ema_tracker"  # its entry in the training checkpoint
 
     def __init__(self, model, sigma_rels, every, exp_dir, step, resumed=None, resume_path=None, log=print):
-        from posthoc_ema import PowerFunctionEMA
+        from posthoc_ema import SNAPSHOT_DIR, PowerFunctionEMA, list_step_files
 
         self.names = [name for name, _ in model.named_parameters()]
         self.params = list(model.parameters())
         self.every, self.exp_dir = every, exp_dir
         self.tracker = PowerFunctionEMA(self.params, sigma_rels, step=step)
+        for saved, path in list_step_files(os.path.join(exp_dir, SNAPSHOT_DIR)):
+            if saved > step:  # a longer earlier run's (or an overwritten run's): never mixed with this one's
+                os.remove(path)
+                log(f"removed the post-hoc EMA snapshot {path}: it is past this run's step {step}")
         if resumed is not None:
             state = resumed.get(self.STATE_KEY)
             if state is None:
@@ -182,12 +186,15 @@ def check_eval_inputs(args, config, accelerator):
     if error is None:
         for turn in ("main", "others"):
             if (turn == "main") == accelerator.is_main_process:
+                given = args.eval_inception_weights
+                fix = f"download {inc.WEIGHTS_FILE} from {inc.WEIGHTS_URL} and pass --eval-inception-weights PATH"
+                if given and not os.path.isfile(given):
+                    error = f"--eval-inception-weights {given}: no such file; {fix}"
+                    continue
                 try:
-                    weights = inc.resolve_weights(args.eval_inception_weights, download=turn == "main")
+                    weights = inc.resolve_weights(given, download=turn == "main")
                 except EvaluatorError as exc:
-                    first = str(exc).splitlines()[0]
-                    error = (f"--eval-inception-weights: {first} Download {inc.WEIGHTS_FILE} from {inc.WEIGHTS_URL} "
-                             f"and pass its path")
+                    error = f"--eval-every: {str(exc).splitlines()[0]} {fix}"
             if accelerator.num_processes > 1:
                 accelerator.wait_for_everyone()
     failed = torch.tensor([float(error is not None)], device=accelerator.device)
@@ -198,15 +205,38 @@ def check_eval_inputs(args, config, accelerator):
     return weights
 
 
+def open_eval_decoder(args, preview_vae, accelerator, check_vae):
+    """The --vae decoder on every process (the preview one where train.py loaded it); failures are
+    one line at start-up, on every process at once."""
+    from models.vae import VAEWeightsMissing, load_vae
+
+    vae, error = preview_vae, None
+    if vae is None:
+        try:
+            vae = load_vae(args.vae, accelerator.device)
+            check_vae(vae)
+        except (VAEWeightsMissing, TrainingError) as exc:
+            error = f"--eval-every: the --vae {args.vae} decoder: {exc}"
+    failed = torch.tensor([float(error is not None)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(failed, reduction="sum")
+    if failed.item():
+        raise TrainingError(error or f"--eval-every: the --vae {args.vae} decoder failed on another process")
+    return vae
+
+
 class TrainingEval:
     """Sample --eval-samples images from the EMA model with generate.py's code path on every
     process, build their npz, and compute the evaluator's metrics against --eval-ref."""
 
-    def __init__(self, args, config, accelerator, exp_dir, vae, run_id):
+    def __init__(self, args, config, accelerator, exp_dir, preview_vae, run_id, check_vae):
+        """``preview_vae``: train.py's decoder (main process, previews on) or None; ``check_vae(vae)``
+        raises when a decoder does not belong to the training latents."""
         self.args, self.config, self.accelerator = args, config, accelerator
         self.folder = os.path.join(exp_dir, "eval")
-        self.vae, self.run_id = vae, run_id
+        self.run_id = run_id
         self.weights = check_eval_inputs(args, config, accelerator)
+        self.vae = preview_vae if args.vae == "none" else open_eval_decoder(args, preview_vae, accelerator, check_vae)
         self.precision = "fp32" if args.mixed_precision == "no" else "bf16"
         # generate.py's sampler settings (the flags of its parse_args, by name)
         self.settings = types.SimpleNamespace(
@@ -233,8 +263,8 @@ class TrainingEval:
             shutil.rmtree(folder, ignore_errors=True)  # a crashed evaluation's leftovers
             os.makedirs(folder)
         accelerator.wait_for_everyone()
-        generate.sample_indices(self.settings, ema, self.config, self.vae, list(range(args.eval_samples)), folder, rank, world,
-                                accelerator.device, self.config.in_channels)
+        generate.sample_indices(self.settings, ema, self.config, self.vae, list(range(args.eval_samples)), folder,
+                                rank, world, accelerator.device, self.config.in_channels)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             identity = {"training_eval": {"run_id": self.run_id, "step": step, "samples": args.eval_samples},
