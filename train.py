@@ -31,6 +31,8 @@ from models.vae import (LATENT_DOWNSAMPLE, VAEWeightsMissing, decode_to_uint8, d
                         load_vae, pixels_to_uint8, sample_posterior, uint8_to_pixels, vae_identity)
 from samplers import euler_sampler, unwrap_model
 from seeding import derive_seed
+from train_eval import (PosthocTracking, TrainingEval, describe_init, init_from, parse_sigma_rels,
+                        posthoc_checkpoint_entry)
 from train_utils import (NonFiniteGuard, StepBatchSampler, StepStats, TrainingDiverged, TrainingError, append_stats,
                          build_checkpoint, checkpoint_path, classifier_learning_rate, ensure_wandb_cannot_hang,
                          global_batch_size, image_grid, list_checkpoints, log_image, memory_stats, resolve_resume,
@@ -314,6 +316,10 @@ def main(args):
         raise TrainingError(f"--num-classes {config.num_classes} is smaller than the {dataset.num_classes} classes "
                             f"of {args.data_dir} (labels up to {int(dataset.labels.max())})")
     model, ema, optimizer = build_model_and_optimizer(args, config, device)
+    init_record = None  # --init-from: weights of another run (a resumed run has its own)
+    if args.init_from and resumed is None:
+        init_record = init_from(args.init_from, args.init_from_weights, model, ema)
+        logger.info(describe_init(init_record))
     loss_fn = LSEPLoss(prediction=args.prediction, path_type=config.path_type, weighting=args.weighting,
                        weights_type=args.weights_type, weight_class=args.weight_class,
                        weight_start=args.weight_start, weight_end=args.weight_end, n_weights=args.n_weights)
@@ -331,7 +337,14 @@ def main(args):
         logger.warning(f"{checkpoint_dir} already holds checkpoints; this fresh run (--resume-step 0) overwrites "
                        "them as it reaches their steps (--resume-step -1 resumes from the latest)")
     provenance = run_provenance(resumed and resumed.get("provenance"), args, dataset, accelerator)
+    provenance["init_from"] = init_record or ((resumed or {}).get("provenance") or {}).get("init_from")
+    posthoc = None  # post-hoc EMA profiles, on the main process (updated after every step)
+    if args.posthoc_ema_sigma_rels and is_main:
+        posthoc = PosthocTracking(unwrap_model(model), parse_sigma_rels(args.posthoc_ema_sigma_rels),
+                                  args.posthoc_ema_every, exp_dir, step, resumed, resume_path, logger.warning)
     del resumed
+    evaluation = TrainingEval(args, config, accelerator, exp_dir, vae, provenance["run_id"],
+                              lambda decoder: check_data_vae(args, dataset, decoder)) if args.eval_every else None
     global_batch = global_batch_size(args)
     total_steps = min(args.max_train_steps, math.ceil(args.epochs * len(dataset) / global_batch))
     data_iter = iter(build_dataloader(args, dataset, accelerator, step, samples_seen))
@@ -363,6 +376,8 @@ def main(args):
                 update_ema(ema_params, model_params, args.ema_decay)
                 stats.add(*losses)
             step += 1
+            if posthoc is not None:
+                posthoc.update(step)
             samples_seen += global_batch
             stats.samples += global_batch
             progress.update(1)
@@ -391,14 +406,26 @@ def main(args):
                 logger.error(str(diverged))
                 raise diverged
 
+            if posthoc is not None:
+                posthoc.maybe_snapshot(step, total_steps, {"samples_seen": samples_seen, "global_batch": global_batch})
+
             # ---- checkpoint: every --checkpointing-steps, every --checkpointing-epochs, and at the end ----
             if checkpoint_due(args, step, total_steps, samples_seen, global_batch, len(dataset)):
                 last_checkpoint = checkpoint_path(checkpoint_dir, step)
                 if is_main:
-                    atomic_save(build_checkpoint(unwrap_model(model), ema, optimizer, args, config, provenance, step,
-                                                 samples_seen, len(dataset), scaler, guard.state()), last_checkpoint)
+                    atomic_save({**build_checkpoint(unwrap_model(model), ema, optimizer, args, config, provenance, step,
+                                                    samples_seen, len(dataset), scaler, guard.state()),
+                                 **posthoc_checkpoint_entry(posthoc)}, last_checkpoint)
                     logger.info(f"Saved checkpoint to {last_checkpoint}")
                 accelerator.wait_for_everyone()
+
+            # ---- FID / IS / precision / recall of the EMA model (--eval-every), on every process ----
+            if evaluation is not None and evaluation.due(step):
+                metrics = evaluation.run(ema, step)
+                if is_main:
+                    append_stats(stats_path, {"step": step, **metrics})
+                    logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                accelerator.log(metrics or {}, step=step)
 
             # ---- preview grid from the EMA model in eval mode ----
             if preview is not None and step % args.sampling_steps == 0:
@@ -541,6 +568,30 @@ def parse_args(argv=None):
     parser.add_argument("--weight-start", type=float, default=0.02, help="first bin's weight for --weights-type steps")
     parser.add_argument("--weight-end", type=float, default=0.03, help="last bin's weight for --weights-type steps")
     parser.add_argument("--n-weights", type=int, default=10, help="time bins for --weights-type steps")
+    # fine-tuning, post-hoc EMA, evaluation during training (train_eval.py)
+    parser.add_argument("--init-from", type=str, default=None, metavar="CKPT",
+                        help="start a new run (step 0, fresh optimizer) from these weights, e.g. at another "
+                             "resolution or on another dataset; sizes must match, pos_embed is rebuilt, heads that "
+                             "do not fit (classifier, label table, projectors) are skipped and listed")
+    parser.add_argument("--init-from-weights", type=str, default="ema", choices=["ema", "model"],
+                        help="which weights of --init-from to start from")
+    parser.add_argument("--posthoc-ema-sigma-rels", type=str, default="",
+                        help="track power-function EMAs of these relative lengths for posthoc_ema.py (EDM2: "
+                             "0.05,0.10); empty = off")
+    parser.add_argument("--posthoc-ema-every", type=int, default=10000,
+                        help="post-hoc EMA snapshot every N steps (and at the end)")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="FID / sFID / IS / precision / recall of the EMA model every N steps (0 = off)")
+    parser.add_argument("--eval-ref", type=str, default=None, metavar="REF.npz",
+                        help="reference batch for --eval-every (ADM's VIRTUAL_imagenet256_labeled.npz)")
+    parser.add_argument("--eval-samples", type=int, default=10000, help="images per evaluation, over all processes")
+    parser.add_argument("--eval-mode", type=str, default="ode", choices=["ode", "sde"], help="evaluation sampler")
+    parser.add_argument("--eval-steps", type=int, default=50, help="evaluation sampler steps")
+    parser.add_argument("--eval-cfg-scale", type=float, default=1.0, help="evaluation guidance (1 = none)")
+    parser.add_argument("--eval-inception-weights", type=str, default=None, metavar="PT",
+                        help="local Inception-v3 weights for --eval-every (default: torch.hub cache, else download)")
+    parser.add_argument("--eval-keep-samples", action="store_true",
+                        help="keep <exp>/eval/<step>.npz (default: deleted once evaluated)")
     # testing: multiply the loss by NaN at these steps, e.g. "3,5-7" (step numbers as logged, from 1)
     parser.add_argument("--debug-nan-steps", type=str, default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -559,7 +610,28 @@ def parse_args(argv=None):
         parse_step_list(args.debug_nan_steps)
     except ValueError:
         parser.error(f"--debug-nan-steps {args.debug_nan_steps!r}: expected e.g. 3,5-7")
+    check_finetune_eval_flags(parser, args)
     return args
+
+
+def check_finetune_eval_flags(parser, args):
+    """Usage errors of the fine-tuning, post-hoc EMA and evaluation flags."""
+    if args.init_from and args.resume_step > 0:
+        parser.error(f"--init-from starts a new run; --resume-step {args.resume_step} continues one: pass one of them")
+    try:
+        parse_sigma_rels(args.posthoc_ema_sigma_rels)
+    except ValueError as exc:
+        parser.error(f"--posthoc-ema-sigma-rels {args.posthoc_ema_sigma_rels!r}: {exc}; e.g. 0.05,0.10")
+    if args.posthoc_ema_every < 1:
+        parser.error(f"--posthoc-ema-every must be >= 1, got {args.posthoc_ema_every}")
+    if args.eval_every < 0:
+        parser.error(f"--eval-every must be >= 0 (0 = off), got {args.eval_every}")
+    if args.eval_samples < 4:  # precision/recall's k-NN radii need k=3 other images
+        parser.error(f"--eval-samples must be >= 4, got {args.eval_samples}")
+    if args.eval_steps < (2 if args.eval_mode == "sde" else 1):
+        parser.error(f"--eval-steps {args.eval_steps} is too few for --eval-mode {args.eval_mode}")
+    if args.eval_cfg_scale < 1.0:
+        parser.error(f"--eval-cfg-scale {args.eval_cfg_scale} < 1 is not guidance; use 1 for unguided sampling")
 
 
 def cli(argv=None):
