@@ -1,15 +1,18 @@
 """models/fused.py: each speed lever gives the eager model's results, keeps the state-dict keys and
 Parameters, and refuses where it cannot run. Triton kernels run in the interpreter on CPU."""
+import functools
 import os
 import subprocess
 import sys
 
-import pytest
-import torch
+TRITON_FRESH = "triton" not in sys.modules  # Triton reads TRITON_INTERPRET when it is first imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # kernels compiled on a GPU, interpreted on CPU
 if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is built
+    os.environ["TRITON_INTERPRET"] = "1"
 import torch.nn.functional as F  # noqa: E402
 
 from models import SiT  # noqa: E402
@@ -20,6 +23,29 @@ from models.fused import (  # noqa: E402
 from models.sit import modulate  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@functools.cache
+def _interpreted_run():
+    """This file's Triton tests, run once in a fresh process where Triton starts in interpreter mode."""
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", __file__, "-k",
+                          "triton_"], env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    return run.stdout + run.stderr
+
+
+def triton_test(fn):
+    """Run ``fn`` here on a GPU or when Triton was not imported before this file set interpreter
+    mode (this file alone); else check its result in a fresh interpreter-mode process (full suite)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if DEVICE == "cuda" or TRITON_FRESH:
+            return fn(*args, **kwargs)
+        node = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0].split("::", 1)[1]
+        output = _interpreted_run()
+        assert f"PASSED tests/test_fused.py::{node}" in output or f"PASSED {__file__}::{node}" in output, \
+            output[-4000:]
+    return wrapper
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=3, num_heads=2,
             num_classes=5, encoder_depth=2, crop_start=2)
 
@@ -91,7 +117,8 @@ def test_gelu_epilogue_linear_equals_linear_then_tanh_gelu(autocast):
 #################################################################################
 
 @pytest.mark.parametrize("tokens,dim,ada_dtype", [(9, 24, torch.bfloat16), (16, 48, torch.float32)])
-def test_norm_modulate_kernel_equals_eager_forward_and_backward(tokens, dim, ada_dtype):
+@triton_test
+def test_triton_norm_modulate_kernel_equals_eager_forward_and_backward(tokens, dim, ada_dtype):
     torch.manual_seed(0)  # 9 tokens: one row per backward program; D not a power of two: masked lanes
     x = (torch.randn(3, tokens, dim) * 2 + 0.5).to(DEVICE).requires_grad_()
     shift = torch.randn(3, dim).to(DEVICE, ada_dtype).requires_grad_()
@@ -108,7 +135,8 @@ def test_norm_modulate_kernel_equals_eager_forward_and_backward(tokens, dim, ada
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gate_residual_kernel_equals_eager_forward_and_backward(dtype):
+@triton_test
+def test_triton_gate_residual_kernel_equals_eager_forward_and_backward(dtype):
     torch.manual_seed(0)
     x = torch.randn(3, 16, 40, device=DEVICE, requires_grad=True)
     gate = torch.randn(3, 40).to(DEVICE, dtype).requires_grad_()
@@ -128,7 +156,8 @@ def test_gate_residual_kernel_equals_eager_forward_and_backward(dtype):
 #################################################################################
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_levers_keep_keys_and_parameters_and_give_the_eager_results(autocast):
+@triton_test
+def test_triton_levers_keep_keys_and_parameters_and_give_the_eager_results(autocast):
     eager, fused = tiny(device=DEVICE), tiny(device=DEVICE)
     keys, params = list(fused.state_dict()), dict(fused.named_parameters())
     apply_speed_levers(fused, gelu_epilogue=True, fused_norm_modulate=True)
@@ -148,7 +177,8 @@ def test_levers_keep_keys_and_parameters_and_give_the_eager_results(autocast):
         assert error <= (2e-2 if autocast else 1e-4) * scale, (name, error, scale)
 
 
-def test_levers_trace_as_one_graph_with_no_breaks():
+@triton_test
+def test_triton_levers_trace_as_one_graph_with_no_breaks():
     model = apply_speed_levers(tiny(device=DEVICE), gelu_epilogue=True, fused_norm_modulate=True)
     x, t, y, y_probe, window = inputs(device=DEVICE)
 
