@@ -10,10 +10,13 @@ default and is checked against the eager ops by ``tests/test_fused.py``.
   GELU, so off CUDA the same Function runs addmm + tanh-GELU). The epilogue keeps no
   pre-activation, so the backward recomputes it with one more GEMM: one elementwise pass and
   one saved (tokens x 4 hidden) activation per block less, one fc1-sized GEMM more.
-* ``fused_norm_modulate``: in every block, ``LayerNorm`` (no affine) + adaLN modulate as one
-  Triton kernel, and ``x + gate * y`` as another, each with a Triton backward. Computed in
-  float32 and rounded where the eager ops round (``1 + scale`` and ``gate * y`` in the adaLN
-  dtype), so results equal the eager ops up to float32 summation order.
+* ``fused_norm_modulate``: each block's norms, adaLN modulates and gated residuals as three
+  Triton kernels (norm1 + modulate; attention residual + norm2 + modulate; MLP residual), each
+  with one Triton backward kernel. Computed in float32 and rounded where the eager ops round
+  (``1 + scale`` and ``gate * y`` in the adaLN dtype), so results equal the eager ops up to
+  float32 summation order. ``torch.compile`` already fuses these ops this way (inductor's
+  kernels ``..._add_mul_native_layer_norm...``), so this lever is for eager runs; compiled, the
+  custom ops only hide them from inductor.
 * ``fp8``: torchao float8 training (dynamic tensorwise scaling) for the four matmuls inside each
   block (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``): 95% of the model FLOPs. The
   adaLN, embedder, final and classifier linears stay in bf16: they see one row per sample (too
@@ -26,6 +29,7 @@ default and is checked against the eager ops by ``tests/test_fused.py``.
 import functools
 import math
 import os
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -134,27 +138,35 @@ def _kernels():
     globals()["_rounded"] = rounded
 
     @triton.jit
-    def norm_modulate_fwd(X, SHIFT, SCALE, Y, MEAN, RSTD, T, D, eps, BLOCK_D: tl.constexpr):
+    def norm_modulate_fwd(X, SHIFT, SCALE, H, MEAN, RSTD, GATE, Y, X1, T, D, eps,
+                          RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+        # H = modulate(LayerNorm(x)); with RESIDUAL, x = X + GATE * Y is formed first and kept in X1.
         row = tl.program_id(0)
         b = row // T
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
         x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            gate = tl.load(GATE + b * D + cols, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(Y + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            x = _rounded(x + _rounded(gate * y, Y.dtype.element_ty), X1.dtype.element_ty)
+            tl.store(X1 + row * D + cols, x.to(X1.dtype.element_ty), mask=mask)
         mean = tl.sum(x, axis=0) / D
         diff = tl.where(mask, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / D + eps)
         scale = tl.load(SCALE + b * D + cols, mask=mask, other=0.0)
         one_plus = _rounded(scale.to(tl.float32) + 1.0, SCALE.dtype.element_ty)  # eager rounds 1 + scale
         shift = tl.load(SHIFT + b * D + cols, mask=mask, other=0.0).to(tl.float32)
-        y = diff * rstd * one_plus + shift
-        tl.store(Y + row * D + cols, _rounded(y, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
+        h = diff * rstd * one_plus + shift
+        tl.store(H + row * D + cols, _rounded(h, H.dtype.element_ty).to(H.dtype.element_ty), mask=mask)
         tl.store(MEAN + row, mean)
         tl.store(RSTD + row, rstd)
 
     @triton.jit
-    def norm_modulate_bwd(X, SCALE, DY, MEAN, RSTD, DX, DSHIFT, DSCALE, B, T, D,
-                          ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-        # One program: ROWS consecutive tokens of one sample; per-sample sums go to a partial buffer.
+    def norm_modulate_bwd(X, SCALE, DH, MEAN, RSTD, DX, DSHIFT, DSCALE, DX1, GATE, Y, DY, DGATE, B, T, D,
+                          RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        # One program: ROWS consecutive tokens of one sample; per-sample sums go to partial buffers.
+        # With RESIDUAL, X is the saved x1 = x + gate * y and DX1 the gradient reaching x1 directly.
         b = tl.program_id(0)
         chunk = tl.program_id(1)
         cols = tl.arange(0, BLOCK_D)
@@ -163,21 +175,33 @@ def _kernels():
         one_plus = _rounded(scale.to(tl.float32) + 1.0, SCALE.dtype.element_ty)
         acc_shift = tl.zeros((BLOCK_D,), dtype=tl.float32)
         acc_scale = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        acc_gate = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        if RESIDUAL:
+            gate = tl.load(GATE + b * D + cols, mask=mask, other=0.0).to(tl.float32)
         for i in range(ROWS):
             row = b * T + chunk * ROWS + i
             x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            dh = tl.load(DH + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             xhat = tl.where(mask, (x - tl.load(MEAN + row)) * tl.load(RSTD + row), 0.0)
-            acc_shift += dy
-            acc_scale += dy * xhat
-            g = dy * one_plus
+            acc_shift += dh
+            acc_scale += dh * xhat
+            g = dh * one_plus
             c1 = tl.sum(g * xhat, axis=0) / D
             c2 = tl.sum(g, axis=0) / D
             dx = (g - c2 - xhat * c1) * tl.load(RSTD + row)
+            if RESIDUAL:
+                dx += tl.load(DX1 + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+                dprod = _rounded(dx, Y.dtype.element_ty)
+                y = tl.load(Y + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+                acc_gate += _rounded(dprod * y, Y.dtype.element_ty)  # eager rounds each product, then sums
+                dy = _rounded(dprod * gate, DY.dtype.element_ty)
+                tl.store(DY + row * D + cols, dy.to(DY.dtype.element_ty), mask=mask)
             tl.store(DX + row * D + cols, _rounded(dx, DX.dtype.element_ty).to(DX.dtype.element_ty), mask=mask)
         part = (chunk * B + b) * D + cols
         tl.store(DSHIFT + part, acc_shift, mask=mask)
         tl.store(DSCALE + part, acc_scale, mask=mask)
+        if RESIDUAL:
+            tl.store(DGATE + part, acc_gate, mask=mask)
 
     @triton.jit
     def gate_residual_fwd(X, GATE, Y, OUT, T, D, BLOCK_D: tl.constexpr):
@@ -225,12 +249,12 @@ def _launch_shape(x):
 def _norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                    out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, tokens, dim, block, _ = _launch_shape(x)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    h = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     mean = torch.empty(batch * tokens, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    _kernels()["norm_modulate_fwd"][(batch * tokens,)](x, shift, scale, y, mean, rstd, tokens, dim, eps,
-                                                       BLOCK_D=block)
-    return y, mean, rstd
+    _kernels()["norm_modulate_fwd"][(batch * tokens,)](x, shift, scale, h, mean, rstd, x, x, x, tokens, dim, eps,
+                                                       RESIDUAL=False, BLOCK_D=block)
+    return h, mean, rstd
 
 
 @_norm_modulate.register_fake
@@ -240,22 +264,49 @@ def _(x, shift, scale, eps, out_dtype):
         x.new_empty(rows, dtype=torch.float32)
 
 
+@torch.library.custom_op("lsep::residual_norm_modulate", mutates_args=())
+def _residual_norm_modulate(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
+                            scale: torch.Tensor, eps: float, out_dtype: torch.dtype
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, tokens, dim, block, _ = _launch_shape(x)
+    x1 = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, y.dtype), device=x.device)
+    h = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    mean = torch.empty(batch * tokens, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    _kernels()["norm_modulate_fwd"][(batch * tokens,)](x, shift, scale, h, mean, rstd, gate, y, x1, tokens, dim,
+                                                       eps, RESIDUAL=True, BLOCK_D=block)
+    return x1, h, mean, rstd
+
+
+@_residual_norm_modulate.register_fake
+def _(x, gate, y, shift, scale, eps, out_dtype):
+    rows = x.shape[0] * x.shape[1]
+    return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, y.dtype)), x.new_empty(x.shape, dtype=out_dtype),
+            x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
+
+
 @torch.library.custom_op("lsep::norm_modulate_backward", mutates_args=())
-def _norm_modulate_backward(x: torch.Tensor, scale: torch.Tensor, dy: torch.Tensor, mean: torch.Tensor,
-                            rstd: torch.Tensor, shift_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                     torch.Tensor]:
+def _norm_modulate_backward(x: torch.Tensor, scale: torch.Tensor, dh: torch.Tensor, mean: torch.Tensor,
+                            rstd: torch.Tensor, shift_dtype: torch.dtype, dx1: Optional[torch.Tensor],
+                            gate: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """[dx, dshift, dscale] or, with the residual (dx1, gate, y given), [dx, dshift, dscale, dgate, dy]."""
     batch, tokens, dim, block, rows = _launch_shape(x)
+    residual = dx1 is not None
     dx = torch.empty_like(x)
-    parts = torch.empty(2, tokens // rows, batch, dim, dtype=torch.float32, device=x.device)
-    _kernels()["norm_modulate_bwd"][(batch, tokens // rows)](x, scale, dy, mean, rstd, dx, parts[0], parts[1],
-                                                             batch, tokens, dim, ROWS=rows, BLOCK_D=block)
-    return dx, parts[0].sum(0).to(shift_dtype), parts[1].sum(0).to(scale.dtype)
+    parts = torch.empty(3 if residual else 2, tokens // rows, batch, dim, dtype=torch.float32, device=x.device)
+    dy = torch.empty_like(y) if residual else x
+    _kernels()["norm_modulate_bwd"][(batch, tokens // rows)](
+        x, scale, dh, mean, rstd, dx, parts[0], parts[1], dx1 if residual else x, gate if residual else x,
+        y if residual else x, dy, parts[-1], batch, tokens, dim, RESIDUAL=residual, ROWS=rows, BLOCK_D=block)
+    grads = [dx, parts[0].sum(0).to(shift_dtype), parts[1].sum(0).to(scale.dtype)]
+    return grads + [parts[2].sum(0).to(gate.dtype), dy] if residual else grads
 
 
 @_norm_modulate_backward.register_fake
-def _(x, scale, dy, mean, rstd, shift_dtype):
+def _(x, scale, dh, mean, rstd, shift_dtype, dx1, gate, y):
     sums = (x.shape[0], x.shape[2])
-    return torch.empty_like(x), x.new_empty(sums, dtype=shift_dtype), x.new_empty(sums, dtype=scale.dtype)
+    grads = [torch.empty_like(x), x.new_empty(sums, dtype=shift_dtype), x.new_empty(sums, dtype=scale.dtype)]
+    return grads + [torch.empty_like(gate), torch.empty_like(y)] if dx1 is not None else grads
 
 
 def _norm_modulate_setup(ctx, inputs, output):
@@ -264,13 +315,30 @@ def _norm_modulate_setup(ctx, inputs, output):
     ctx.shift_dtype = shift.dtype
 
 
-def _norm_modulate_grad(ctx, dy, _mean, _rstd):
+def _norm_modulate_grad(ctx, dh, _mean, _rstd):
     x, scale, mean, rstd = ctx.saved_tensors
-    dx, dshift, dscale = _norm_modulate_backward(x, scale, dy.contiguous(), mean, rstd, ctx.shift_dtype)
+    dx, dshift, dscale = _norm_modulate_backward(x, scale, dh.contiguous(), mean, rstd, ctx.shift_dtype,
+                                                 None, None, None)
     return dx, dshift, dscale, None, None
 
 
 _norm_modulate.register_autograd(_norm_modulate_grad, setup_context=_norm_modulate_setup)
+
+
+def _residual_norm_modulate_setup(ctx, inputs, output):
+    x, gate, y, shift, scale, _, _ = inputs
+    ctx.save_for_backward(output[0], gate, y, scale, output[2], output[3])
+    ctx.shift_dtype, ctx.x_dtype = shift.dtype, x.dtype
+
+
+def _residual_norm_modulate_grad(ctx, dx1, dh, _mean, _rstd):
+    x1, gate, y, scale, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale, dgate, dy = _norm_modulate_backward(x1, scale, dh.contiguous(), mean, rstd, ctx.shift_dtype,
+                                                            dx1.contiguous(), gate, y)
+    return dx.to(ctx.x_dtype), dgate, dy, dshift, dscale, None, None
+
+
+_residual_norm_modulate.register_autograd(_residual_norm_modulate_grad, setup_context=_residual_norm_modulate_setup)
 
 
 @torch.library.custom_op("lsep::gate_residual", mutates_args=())
@@ -317,30 +385,51 @@ def _gate_residual_grad(ctx, dout):
 _gate_residual.register_autograd(_gate_residual_grad, setup_context=_gate_residual_setup)
 
 
+def _out_dtype(x_dtype, device_type, shift, scale):
+    """The eager result's dtype: LayerNorm runs in float32 under autocast, then modulate promotes."""
+    norm_dtype = torch.float32 if torch.is_autocast_enabled(device_type) else x_dtype
+    return torch.promote_types(norm_dtype, torch.promote_types(shift.dtype, scale.dtype))
+
+
+def _common(gate, y):
+    """Eager promotes gate * y first; cast both so the kernels round that product once."""
+    common = torch.promote_types(gate.dtype, y.dtype)
+    return gate.to(common).contiguous(), y.to(common).contiguous()
+
+
 def norm_modulate(x, shift, scale, eps=1e-6):
     """``modulate(LayerNorm(x), shift, scale)`` (no affine) in one kernel; x (B, T, D), shift/scale (B, D)."""
-    norm_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype  # autocast: fp32 norm
-    out_dtype = torch.promote_types(norm_dtype, torch.promote_types(shift.dtype, scale.dtype))
+    out_dtype = _out_dtype(x.dtype, x.device.type, shift, scale)
     with torch.autocast(x.device.type, enabled=False):
         return _norm_modulate(x.contiguous(), shift.contiguous(), scale.contiguous(), eps, out_dtype)[0]
 
 
+def residual_norm_modulate(x, gate, y, shift, scale, eps=1e-6):
+    """``x1 = x + gate.unsqueeze(1) * y`` and ``modulate(LayerNorm(x1), shift, scale)`` in one kernel;
+    returns ``(x1, modulated)``."""
+    out_dtype = _out_dtype(torch.promote_types(x.dtype, y.dtype), x.device.type, shift, scale)
+    gate, y = _common(gate, y)
+    with torch.autocast(x.device.type, enabled=False):
+        x1, h, _, _ = _residual_norm_modulate(x.contiguous(), gate, y, shift.contiguous(), scale.contiguous(), eps,
+                                              out_dtype)
+    return x1, h
+
+
 def gate_residual(x, gate, y):
     """``x + gate.unsqueeze(1) * y`` in one kernel; x, y (B, T, D), gate (B, D)."""
-    if gate.dtype != y.dtype:  # eager promotes gate * y first; do the same so the kernel rounds once
-        common = torch.promote_types(gate.dtype, y.dtype)
-        gate, y = gate.to(common), y.to(common)
-    return _gate_residual(x.contiguous(), gate.contiguous(), y.contiguous())
+    gate, y = _common(gate, y)
+    return _gate_residual(x.contiguous(), gate, y)
 
 
 class FusedNormSiTBlock(SiTBlock):
-    """``SiTBlock`` whose norm + modulate and gate + residual run as Triton kernels (same modules)."""
+    """``SiTBlock`` whose norms, modulates and gated residuals run as three Triton kernels (same modules):
+    norm1 + modulate; attention residual + norm2 + modulate; MLP residual."""
 
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = gate_residual(x, gate_msa, self.attn(norm_modulate(x, shift_msa, scale_msa, self.norm1.eps)))
-        x = gate_residual(x, gate_mlp, self.mlp(norm_modulate(x, shift_mlp, scale_mlp, self.norm2.eps)))
-        return x
+        attn = self.attn(norm_modulate(x, shift_msa, scale_msa, self.norm1.eps))
+        x, h = residual_norm_modulate(x, gate_msa, attn, shift_mlp, scale_mlp, self.norm2.eps)
+        return gate_residual(x, gate_mlp, self.mlp(h))
 
 
 #################################################################################

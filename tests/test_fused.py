@@ -18,7 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from models import SiT  # noqa: E402
 from models.fused import (  # noqa: E402
     FP8_LAYERS, GeluEpilogueLinear, apply_speed_levers, check_fp8_device, convert_to_fp8, gate_residual,
-    norm_modulate,
+    norm_modulate, residual_norm_modulate,
 )
 from models.sit import modulate  # noqa: E402
 
@@ -151,6 +151,28 @@ def test_triton_gate_residual_kernel_equals_eager_forward_and_backward(dtype):
         torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens,ada_dtype", [(9, torch.bfloat16), (16, torch.float32)])
+@triton_test
+def test_triton_residual_norm_modulate_kernel_equals_eager_forward_and_backward(tokens, ada_dtype):
+    torch.manual_seed(0)
+    dim = 40
+    x = torch.randn(3, tokens, dim, device=DEVICE, requires_grad=True)
+    gate, shift = (torch.randn(3, dim).to(DEVICE, ada_dtype).requires_grad_() for _ in range(2))
+    scale = (0.3 * torch.randn(3, dim)).to(DEVICE, ada_dtype).requires_grad_()
+    y = torch.randn(3, tokens, dim).to(DEVICE, ada_dtype).requires_grad_()
+    grad_x1, grad_h = torch.randn(2, 3, tokens, dim, device=DEVICE)
+    x1 = x + gate.unsqueeze(1) * y
+    eager = (x1, modulate(F.layer_norm(x1, (dim,), eps=1e-6), shift, scale))
+    fused = residual_norm_modulate(x, gate, y, shift, scale, eps=1e-6)
+    torch.testing.assert_close(fused[0], eager[0], rtol=0, atol=0)
+    torch.testing.assert_close(fused[1], eager[1], rtol=1e-6, atol=2e-6)
+    inputs_ = (x, gate, y, shift, scale)
+    for ours, ref in zip(torch.autograd.grad(fused, inputs_, (grad_x1, grad_h)),
+                         torch.autograd.grad(eager, inputs_, (grad_x1, grad_h))):
+        assert ours.dtype == ref.dtype
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
 #################################################################################
 #                          apply_speed_levers on a SiT                          #
 #################################################################################
@@ -238,7 +260,7 @@ from models.fused import persistent_compile_cache
 persistent_compile_cache(sys.argv[1])
 torch.set_num_threads(1)
 f = torch.compile(lambda a: (a.sin() * 2 + 1).sum(0))
-f(torch.randn(8, 4))
+f(torch.randn(8, 4, device=sys.argv[2]))  # cuda on a GPU machine: Triton, no C++ compiler needed
 from torch._dynamo.utils import counters
 print(counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
 """
@@ -247,7 +269,7 @@ print(counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_c
 def test_persistent_compile_cache_hits_in_a_second_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    runs = [subprocess.run([sys.executable, "-c", CACHE_SCRIPT, str(tmp_path / "cache")], env=env, cwd=ROOT,
+    runs = [subprocess.run([sys.executable, "-c", CACHE_SCRIPT, str(tmp_path / "cache"), DEVICE], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=240) for _ in range(2)]
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]
