@@ -1,4 +1,4 @@
-"""Flow-matching loss plus the LSEP probe loss (``LSEP_SPEC.md`` section 4).
+"""Flow-matching loss plus the LSEP probe loss (``LSEP_SPEC.md`` section 4) and REPA's alignment loss.
 
 ``interpolant`` is the one definition of the path x_t = alpha_t x + sigma_t e; the samplers
 import it from here.
@@ -7,6 +7,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from models.repa import per_sample_alignment
 
 PATH_TYPES = ("linear", "cosine")
 WEIGHTINGS = ("uniform", "lognormal")
@@ -60,6 +62,11 @@ class LSEPLoss:
     train.py); ``probe_accuracy`` is a detached scalar for logging. The probe loss uses the true
     label even where the probe branch saw the null label. Both are zero tensors when the model
     returns no probe logits.
+
+    REPA (``loss_fn(model, x, model_kwargs, zs=encoder_tokens)``): with ``zs`` (a list of the
+    frozen encoders' (B, T, z_dim) tokens, empty when alignment is off) a fourth value is
+    returned, the alignment loss as REPA logs it (``proj_loss``, unweighted: the mean over
+    tokens, samples and encoders of -cos, in float32; train.py multiplies it by --proj-coeff).
     """
 
     def __init__(self, prediction="v", path_type="linear", weighting="uniform", weights_type="constant",
@@ -91,7 +98,7 @@ class LSEPLoss:
             return torch.full_like(t, self.weight_class, dtype=torch.float32)
         return time_bin_weights(t, self.weight_start, self.weight_end, self.n_weights)
 
-    def __call__(self, model, images, model_kwargs=None):
+    def __call__(self, model, images, model_kwargs=None, zs=None):
         model_kwargs = {} if model_kwargs is None else model_kwargs
         batch = images.shape[0]
         t = sample_time(batch, self.weighting, self.path_type, images.device).to(images.dtype)
@@ -99,16 +106,23 @@ class LSEPLoss:
         alpha_t, sigma_t, d_alpha_t, d_sigma_t = (a.view(batch, 1, 1, 1) for a in interpolant(t, self.path_type))
         model_input = alpha_t * images + sigma_t * noises
         model_target = d_alpha_t * images + d_sigma_t * noises
-        model_output, probe_logits = model(model_input, t, **model_kwargs)
+        model_output, probe_logits, *projected = model(model_input, t, **model_kwargs)
         denoising_loss = mean_flat((model_output.float() - model_target.float()) ** 2)
-        if probe_logits is None:
-            zero = denoising_loss.new_zeros(())
-            return denoising_loss, zero, zero
-        labels = model_kwargs["y"]
-        ce = F.cross_entropy(probe_logits.float(), labels, reduction="none")
-        probe_loss = (self.probe_weights(t) * ce).mean()
-        probe_accuracy = (probe_logits.detach().argmax(dim=1) == labels).float().mean()
-        return denoising_loss, probe_loss, probe_accuracy
+        zero = denoising_loss.new_zeros(())
+        probe_loss = probe_accuracy = zero
+        if probe_logits is not None:
+            labels = model_kwargs["y"]
+            ce = F.cross_entropy(probe_logits.float(), labels, reduction="none")
+            probe_loss = (self.probe_weights(t) * ce).mean()
+            probe_accuracy = (probe_logits.detach().argmax(dim=1) == labels).float().mean()
+        if zs is None and not projected:
+            return denoising_loss, probe_loss, probe_accuracy
+        if bool(projected) != bool(zs):
+            raise ValueError("REPA alignment needs both the model's projectors (--enc-type when it was built) and "
+                             f"the encoders' tokens: got {len(projected)} projector outputs and "
+                             f"{len(zs or [])} encoder token sets")
+        proj_loss = per_sample_alignment(projected[0], zs).mean() if zs else zero
+        return denoising_loss, probe_loss, probe_accuracy, proj_loss
 
 
 LSEP_Loss = LSEPLoss  # the authors' name

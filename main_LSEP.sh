@@ -42,6 +42,13 @@ WEIGHT_START="${WEIGHT_START:-0.0225}"
 WEIGHT_END="${WEIGHT_END:-0.03}"
 N_WEIGHTS="${N_WEIGHTS:-10}"
 
+# ---- REPA alignment (sihyun-yu/REPA): off while ENC_TYPE is empty ----
+# REPA + LSEP: ENC_TYPE=dinov2-vit-b; REPA alone: also EXTRA_TRAIN_ARGS=--no-probe
+ENC_TYPE="${ENC_TYPE:-}"                   # frozen encoders, REPA's names (comma list; name=/path/file allowed)
+ENC_PATH="${ENC_PATH:-}"                   # their weights: a file/folder (default: torch.hub's cache)
+PROJ_COEFF="${PROJ_COEFF:-0.5}"            # weight of the alignment loss
+ALIGN_DEPTH="${ALIGN_DEPTH:-8}"            # aligned block (REPA's --encoder-depth; ENC_DEPTH is the probe's)
+
 # ---- training ----
 MAX_STEPS="${MAX_STEPS:-400000}"
 CKPT_EVERY="${CKPT_EVERY:-50000}"          # checkpoint period in steps (the last step is always saved)
@@ -53,7 +60,11 @@ NUM_WORKERS="${NUM_WORKERS:-8}"
 ADD_NAME="${ADD_NAME:-}"
 EXTRA_TRAIN_ARGS="${EXTRA_TRAIN_ARGS:-}"    # more train.py flags, e.g. "--hidden-size 384 --depth 6"
 SCHEDULE="${WEIGHTS_TYPE}-${WEIGHT_START}-to-${WEIGHT_END}-${N_WEIGHTS}"
-NAME_ADD="${NAME_ADD:-uncond_${UNCOND_PROB}-enc${ENC_DEPTH}-RC_${CROP_START}-lambda-${SCHEDULE}-${ADD_NAME}}"
+REPA_NAME=""
+if [[ -n "${ENC_TYPE}" ]]; then  # encoder names without their paths, joined by '+'
+  REPA_NAME="-repa_$(echo "${ENC_TYPE}" | sed 's/=[^,]*//g; s/,/+/g')-align${ALIGN_DEPTH}-coeff${PROJ_COEFF}"
+fi
+NAME_ADD="${NAME_ADD:-uncond_${UNCOND_PROB}-enc${ENC_DEPTH}-RC_${CROP_START}-lambda-${SCHEDULE}-${ADD_NAME}${REPA_NAME}}"
 SIZE="${MODEL#SiT-}"; SIZE="${SIZE%%/*}"
 EXP_NAME="${EXP_NAME:-${SIZE}-${NAME_ADD}}"  # the authors' experiment name
 
@@ -104,6 +115,10 @@ EOF
     --weight-start="${WEIGHT_START}" \
     --weight-end="${WEIGHT_END}" \
     --n-weights="${N_WEIGHTS}" \
+    --enc-type="${ENC_TYPE}" \
+    ${ENC_PATH:+--enc-path="${ENC_PATH}"} \
+    --proj-coeff="${PROJ_COEFF}" \
+    --align-depth="${ALIGN_DEPTH}" \
     --max-train-steps="${MAX_STEPS}" \
     --checkpointing-steps="${CKPT_EVERY}" \
     --sampling-steps="${SAMPLING_STEPS}" \

@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 from loss import LSEPLoss
 from models import SiT
 from models.checkpoint import atomic_save, load_checkpoint_file
-from models.config import DEFAULTS, MODEL_NAMES, PATH_TYPES
+from models.config import DEFAULT_ALIGN_DEPTH, DEFAULT_PROJECTOR_DIM, DEFAULTS, MODEL_NAMES, PATH_TYPES
+from models.encoders import EncoderWeightsError, EncoderWeightsMissing, parse_arch_overrides, parse_enc_type, \
+    training_encoders
 from models.vae import (LATENT_DOWNSAMPLE, VAEWeightsMissing, decode_to_uint8, downsample_factor, latent_channels,
                         load_vae, pixels_to_uint8, sample_posterior, uint8_to_pixels, vae_identity)
 from samplers import euler_sampler, unwrap_model
@@ -67,18 +69,30 @@ def setup_logging(exp_dir, is_main):
         logger.addHandler(handler)
 
 
-def open_dataset(args):
-    """The training set: SD-VAE moments from <data-dir>/vae-sd, or uint8 images with --vae none."""
+def open_dataset(args, paired=False):
+    """The training set: SD-VAE moments from <data-dir>/vae-sd, or uint8 images with --vae none;
+    ``paired`` (REPA alignment): each latent with its image, which the encoders read."""
     from dataset import CustomDataset
     from preprocessing.storage import DatasetError
 
     if not os.path.isdir(args.data_dir):
         raise TrainingError(f"--data-dir {args.data_dir} does not exist; {DATA_HINT}")
-    mode = "pixel" if args.vae == "none" else "latent"
+    mode = "pixel" if args.vae == "none" else "latent+pixel" if paired else "latent"
     try:
         return CustomDataset(args.data_dir, mode=mode)
     except DatasetError as exc:
         raise TrainingError(f"--data-dir {args.data_dir}: {exc}") from None
+
+
+def load_alignment_encoders(args, config, resolution, device):
+    """REPA's frozen encoders of ``config.enc_type`` ([] when alignment is off), in bf16 autocast
+    when training runs in mixed precision; a missing or wrong weights file is one line."""
+    amp_dtype = torch.bfloat16 if args.mixed_precision != "no" else None
+    try:
+        return training_encoders(config, args.enc_type, args.enc_path, resolution, device, amp_dtype,
+                                 args.enc_download, args.enc_arch)
+    except (EncoderWeightsMissing, EncoderWeightsError, ValueError) as exc:
+        raise TrainingError(str(exc)) from None
 
 
 def data_geometry(args, dataset, vae):
@@ -247,32 +261,38 @@ def restore_training_state(checkpoint, path, args, config, model, ema, optimizer
     return step, samples_seen, nonfinite
 
 
-def run_optimizer_step(model, loss_fn, optimizer, scaler, data_iter, args, step, accelerator, nan_steps):
+def run_optimizer_step(model, loss_fn, optimizer, scaler, data_iter, args, step, accelerator, nan_steps, encoders=()):
     """One optimizer step over --gradient-accumulation-steps micro-batches, each seeded by
     (seed, step, shard). A non-finite loss (or gradient norm without fp16's scaler) on any
-    process skips the step on every process. Returns (losses or None when skipped, what was bad)."""
+    process skips the step on every process. Returns (losses or None when skipped, what was bad).
+    ``encoders`` (REPA): frozen, no randomness; their tokens of each micro-batch's images are
+    the alignment targets, and --proj-coeff x the alignment loss joins the objective."""
     device, accum = accelerator.device, args.gradient_accumulation_steps
-    denoising_sum = probe_sum = accuracy_sum = torch.zeros((), device=device)
+    denoising_sum = probe_sum = accuracy_sum = proj_sum = torch.zeros((), device=device)
     for micro in range(accum):
-        data, labels = next(data_iter)
+        *images, data, labels = next(data_iter)  # paired items (REPA) lead with the image
         seed_step(args.seed, step, accelerator.process_index * accum + micro, device)
         data = data.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        raw = images[0].to(device, non_blocking=True) if images else data  # the encoders' uint8 input
+        zs = [encoder(raw) for encoder in encoders]
         x = uint8_to_pixels(data) if args.vae == "none" else sample_posterior(data)
         sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
         with sync:
-            denoising_loss, probe_loss, probe_accuracy = loss_fn(model, x, dict(y=labels))
+            denoising_loss, probe_loss, probe_accuracy, proj_loss = loss_fn(model, x, dict(y=labels), zs=zs)
             denoising_loss = denoising_loss.mean()
             if step + 1 in nan_steps:
                 denoising_loss = denoising_loss * float("nan")
-            accelerator.backward((denoising_loss + probe_loss) / accum)
+            accelerator.backward((denoising_loss + probe_loss + args.proj_coeff * proj_loss) / accum)
         denoising_sum = denoising_sum + denoising_loss.detach() / accum
         probe_sum = probe_sum + probe_loss.detach() / accum
         accuracy_sum = accuracy_sum + probe_accuracy.detach() / accum
+        proj_sum = proj_sum + proj_loss.detach() / accum
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
 
     # one reduced flag (the only per-step host sync), so every process takes the same branch
-    flags = torch.stack([~torch.isfinite(denoising_sum + probe_sum), ~torch.isfinite(grad_norm)]).float().reshape(2)
+    flags = torch.stack([~torch.isfinite(denoising_sum + probe_sum + proj_sum),
+                         ~torch.isfinite(grad_norm)]).float().reshape(2)
     if accelerator.num_processes > 1:
         flags = accelerator.reduce(flags, reduction="sum")
     loss_bad, grad_bad = (bool(v > 0) for v in flags.tolist())
@@ -283,7 +303,7 @@ def run_optimizer_step(model, loss_fn, optimizer, scaler, data_iter, args, step,
         return None, "loss" if loss_bad else "gradient norm"
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return (denoising_sum, probe_sum, accuracy_sum, grad_norm), None
+    return (denoising_sum, probe_sum, accuracy_sum, grad_norm, proj_sum), None
 
 
 def main(args):
@@ -303,7 +323,7 @@ def main(args):
                             "processes; each process takes --batch-size / processes samples per micro-step")
 
     # ---- data: every user error surfaces here, before any training ----
-    dataset = open_dataset(args)
+    dataset = open_dataset(args, paired=bool(args.enc_type))  # REPA: images next to the latents
     vae = load_preview_vae(args, accelerator)
     check_data_vae(args, dataset, vae)
     in_channels, input_size = data_geometry(args, dataset, vae)
@@ -315,6 +335,9 @@ def main(args):
     if dataset.num_classes > config.num_classes:
         raise TrainingError(f"--num-classes {config.num_classes} is smaller than the {dataset.num_classes} classes "
                             f"of {args.data_dir} (labels up to {int(dataset.labels.max())})")
+    if config.aligned and args.vae != "none" and not dataset.return_images:  # resumed REPA run without --enc-type
+        dataset = open_dataset(args, paired=True)
+    encoders = load_alignment_encoders(args, config, dataset.resolution, device)  # REPA; [] when off
     model, ema, optimizer = build_model_and_optimizer(args, config, device)
     init_record = None  # --init-from: weights of another run (a resumed run has its own)
     if args.init_from and resumed is None:
@@ -367,7 +390,7 @@ def main(args):
     try:
         while step < total_steps:
             losses, bad = run_optimizer_step(model, loss_fn, optimizer, scaler, data_iter, args, step, accelerator,
-                                             nan_steps)
+                                             nan_steps, encoders)
             if bad:
                 stats.skipped += 1
             elif accelerator.optimizer_step_was_skipped:
@@ -399,7 +422,8 @@ def main(args):
                 if is_main:
                     append_stats(stats_path, record)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", probe=f"{record['probe_loss']:.4f}",
-                                         acc=f"{record['probe_accuracy']:.3f}")
+                                         acc=f"{record['probe_accuracy']:.3f}",
+                                         **({"proj": f"{record['proj_loss']:.4f}"} if encoders else {}))
                 accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
                                 step=step)
             if diverged is not None:
@@ -568,6 +592,21 @@ def parse_args(argv=None):
     parser.add_argument("--weight-start", type=float, default=0.02, help="first bin's weight for --weights-type steps")
     parser.add_argument("--weight-end", type=float, default=0.03, help="last bin's weight for --weights-type steps")
     parser.add_argument("--n-weights", type=int, default=10, help="time bins for --weights-type steps")
+    # REPA alignment (sihyun-yu/REPA): REPA's flag names and defaults, except that REPA's
+    # --encoder-depth (its alignment depth) is --align-depth here: --encoder-depth is the probe depth
+    parser.add_argument("--enc-type", type=str, default=None,
+                        help="align to these frozen encoders (comma list of REPA's names, e.g. dinov2-vit-b; "
+                             "name=/path/weights.pth for a local file); default off ('' = off)")
+    parser.add_argument("--enc-path", type=str, default=None,
+                        help="encoder weights: one file/folder, or one per --enc-type entry (default: torch.hub's cache)")
+    parser.add_argument("--enc-download", action=argparse.BooleanOptionalAction, default=False,
+                        help="download missing encoder weights from their official URLs into torch.hub's cache")
+    parser.add_argument("--proj-coeff", type=float, default=0.5, help="weight of the alignment loss (REPA's 0.5)")
+    parser.add_argument("--projector-dim", type=int, default=None,
+                        help=f"hidden width of the projector MLPs (default {DEFAULT_PROJECTOR_DIM})")
+    parser.add_argument("--align-depth", type=int, default=None,
+                        help=f"align the tokens after this block (REPA's --encoder-depth; default {DEFAULT_ALIGN_DEPTH})")
+    parser.add_argument("--enc-arch", type=str, default="", help=argparse.SUPPRESS)  # tests: tiny random encoders
     # fine-tuning, post-hoc EMA, evaluation during training (train_eval.py)
     parser.add_argument("--init-from", type=str, default=None, metavar="CKPT",
                         help="start a new run (step 0, fresh optimizer) from these weights, e.g. at another "
@@ -610,6 +649,13 @@ def parse_args(argv=None):
         parse_step_list(args.debug_nan_steps)
     except ValueError:
         parser.error(f"--debug-nan-steps {args.debug_nan_steps!r}: expected e.g. 3,5-7")
+    try:  # REPA alignment flags
+        parse_enc_type(args.enc_type, args.enc_path)
+        parse_arch_overrides(args.enc_arch)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.proj_coeff < 0:
+        parser.error(f"--proj-coeff must be >= 0, got {args.proj_coeff}")
     check_finetune_eval_flags(parser, args)
     return args
 

@@ -21,6 +21,7 @@ import torch
 
 from models.checkpoint import config_from_checkpoint, extract_state_dict
 from models.config import DEFAULTS, MODEL_NAMES, ConfigError, resolve_config
+from models.encoders import alignment_fields
 from seeding import derive_seed
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
@@ -43,7 +44,8 @@ CONFIG_FLAGS = {"num_classes": "num_classes", "encoder_depth": "encoder_depth", 
                 "uncond_prob": "uncond_prob", "probe": "probe", "path_type": "path_type",
                 "class_dropout_prob": "cfg_prob", "hidden_size": "hidden_size", "depth": "depth",
                 "num_heads": "num_heads", "patch_size": "patch_size", "model": "model",
-                "random_crop": "random_crop", "crop_start": "crop_start", "crop_end": "crop_end"}
+                "random_crop": "random_crop", "crop_start": "crop_start", "crop_end": "crop_end",
+                "projector_dim": "projector_dim", "align_depth": "align_depth"}  # REPA: enc_type/z_dims below
 
 
 def training_config(args, in_channels, input_size, checkpoint=None, source=None):
@@ -51,6 +53,7 @@ def training_config(args, in_channels, input_size, checkpoint=None, source=None)
     checkpoint fixes everything it records (a flag contradicting it is a TrainingError naming
     both); flags set the rest, else the authors' defaults (``models.config.DEFAULTS``)."""
     given = {field: getattr(args, dest) for field, dest in CONFIG_FLAGS.items()}
+    given.update(alignment_fields(args.enc_type, args.enc_arch))  # REPA: --enc-type names and token widths
     data = {"in_channels": in_channels, "input_size": input_size}
     try:
         if checkpoint is None:
@@ -304,7 +307,7 @@ class NonFiniteGuard:
 class StepStats:
     """Training statistics summed on the device between log steps, so the loop never waits on them."""
 
-    KEYS = ("loss", "denoising_loss", "probe_loss", "probe_accuracy", "grad_norm")
+    KEYS = ("loss", "denoising_loss", "probe_loss", "probe_accuracy", "grad_norm", "proj_loss")
 
     def __init__(self, device):
         self.sums = torch.zeros(len(self.KEYS), device=device, dtype=torch.float64)
@@ -314,10 +317,12 @@ class StepStats:
         self.samples = 0
         self.start = time.perf_counter()
 
-    def add(self, denoising_loss, probe_loss, probe_accuracy, grad_norm):
-        """Add one finished optimizer step's (device scalar) values."""
+    def add(self, denoising_loss, probe_loss, probe_accuracy, grad_norm, proj_loss=None):
+        """Add one finished optimizer step's (device scalar) values; ``proj_loss`` is REPA's
+        alignment loss, unweighted as REPA logs it (0 without alignment)."""
+        proj_loss = torch.zeros_like(denoising_loss) if proj_loss is None else proj_loss
         values = torch.stack([(denoising_loss + probe_loss).double(), denoising_loss.double(), probe_loss.double(),
-                              probe_accuracy.double(), grad_norm.double()])
+                              probe_accuracy.double(), grad_norm.double(), proj_loss.double()])
         self.sums += values
         self.good_steps += 1
 

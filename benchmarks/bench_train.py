@@ -52,7 +52,7 @@ from benchmarks.reference_paths import AUTHORS_TRAINING, ReferenceForward, atten
 from loss import LSEPLoss  # noqa: E402
 from models import SiT_models  # noqa: E402
 from models.fused import apply_speed_levers, persistent_compile_cache  # noqa: E402
-from models.flops import SiTFlopsConfig, mfu, peak_flops, train_step_flops  # noqa: E402
+from models.flops import SiTFlopsConfig, mfu, peak_flops, repa_train_step_flops, train_step_flops  # noqa: E402
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 LEVERS = ("probe", "crop", "attention", "precision", "compile", "compile-mode", "optimizer", "ema",
@@ -137,6 +137,20 @@ def lever_variants(base, names):
         out.append(("all-fp8", replace(base, name="fp8+norm+cudagraphs", gelu_epilogue=False, fused_norm=True,
                                        fp8=True, **cudagraphs)))
     return out
+
+
+class AlignedLoss:
+    """REPA + LSEP for the timed step (--enc-type): the frozen encoders (random weights: the same
+    FLOPs as the released ones) read the images inside the step, as in train.py; the alignment
+    loss times ``proj_coeff`` joins the probe term, so StepRunner stays unchanged."""
+
+    def __init__(self, loss_fn, encoders, images, proj_coeff):
+        self.loss_fn, self.encoders, self.images, self.proj_coeff = loss_fn, encoders, images, proj_coeff
+
+    def __call__(self, model, x, model_kwargs):
+        zs = [encoder(self.images) for encoder in self.encoders]
+        denoising, probe_loss, accuracy, proj_loss = self.loss_fn(model, x, model_kwargs, zs=zs)
+        return denoising, probe_loss + self.proj_coeff * proj_loss, accuracy
 
 
 def shared_copy(model):
@@ -417,6 +431,11 @@ def parse_args(argv=None):
     p.add_argument("--encoder-depth", type=int, default=8)
     p.add_argument("--crop-start", type=int, default=12, help="probe crop window sides in [crop-start, grid]")
     p.add_argument("--num-classes", type=int, default=1000)
+    # REPA alignment (train.py's flags): encoders (random weights) + projectors run in the timed step
+    p.add_argument("--enc-type", default="", help="e.g. dinov2-vit-b: time REPA + LSEP (ours only; no --compare)")
+    p.add_argument("--align-depth", type=int, default=8)
+    p.add_argument("--projector-dim", type=int, default=2048)
+    p.add_argument("--proj-coeff", type=float, default=0.5)
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per path (default 3 CUDA, 1 CPU)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per path (default 5 CUDA, 3 CPU)")
     p.add_argument("--steps-per-rep", type=int, default=None, help="steps per repetition (default 5 CUDA, 1 CPU)")
@@ -447,6 +466,8 @@ def parse_args(argv=None):
         args.lever_names = names
     if args.resolution % 8:
         p.error(f"--resolution {args.resolution} must be a multiple of 8 (the VAE's downsampling)")
+    if args.enc_type and (args.compare or set(getattr(args, "lever_names", ())) & {"probe", "crop"}):
+        p.error("--enc-type times ours only: the authors' reference and the two-pass probe have no REPA projectors")
     return args
 
 
@@ -476,19 +497,32 @@ def bench_model(args, model_name, device, command):
     torch.manual_seed(args.seed)
 
     latent = args.resolution // 8
+    from models.encoders import ENCODERS, Encoder, create_vit, parse_enc_type
+
+    names = [n for n, _ in parse_enc_type(args.enc_type)]  # REPA (--enc-type): [] when off
+    repa = dict(enc_type=tuple(names), z_dims=tuple(ENCODERS[n].z_dim for n in names), align_depth=args.align_depth,
+                projector_dim=args.projector_dim) if names else {}
     with torch.device(device):
         model = SiT_models[model_name](
             input_size=latent, num_classes=args.num_classes, encoder_depth=args.encoder_depth,
-            crop_start=args.crop_start, class_dropout_prob=0.1, uncond_prob=0.9,
+            crop_start=args.crop_start, class_dropout_prob=0.1, uncond_prob=0.9, **repa,
         ).train()
     ema_params = [p.detach().clone() for p in model.parameters()]
     loss_fn = LSEPLoss(weights_type="steps", weight_start=0.0225, weight_end=0.03, n_weights=10)
     x = torch.randn(args.batch_size, model.in_channels, latent, latent, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+    if names:
+        amp = torch.bfloat16 if args.precision != "fp32" else None  # train.py: bf16 under mixed precision
+        encoders = [Encoder(n, create_vit(n, args.resolution), args.resolution, amp).to(device) for n in names]
+        images = torch.randint(0, 256, (args.batch_size, 3, args.resolution, args.resolution), dtype=torch.uint8,
+                               device=device)
+        loss_fn = AlignedLoss(loss_fn, encoders, images, args.proj_coeff)
 
     name = device_name(device)
     cfg = SiTFlopsConfig.from_model(model)
     flops_per_step = train_step_flops(cfg, args.batch_size, probe=True)
+    if names:  # encoders forward (frozen) + projectors forward and backward
+        flops_per_step += repa_train_step_flops(cfg, names, args.resolution, args.batch_size, args.projector_dim)
 
     def peak_of(variant):  # fp8 variants too are measured against the bf16 peak: same model FLOPs
         if args.peak_tflops:
@@ -552,6 +586,7 @@ def bench_model(args, model_name, device, command):
         torch=torch.__version__, cuda=torch.version.cuda, device=name, device_type=device.type,
         threads=torch.get_num_threads(), model=model_name, resolution=args.resolution,
         batch_size=args.batch_size, precision=args.precision, compile=args.compile, allow_tf32=args.allow_tf32,
+        enc_type=args.enc_type or None,
         timing=timing, flops_per_step=flops_per_step, flops_per_sample=flops_per_step / args.batch_size,
         peak_flops=peak, memory=memory_label, paths=rows, ours_speedup_vs_reference=ratio, levers=levers,
         compile_cache=args.compile_cache,

@@ -16,8 +16,8 @@ from fileio import atomic_write, payload_bytes
 from models.config import (DEFAULTS, MODEL_NAMES, SIT_SIZES, ConfigError, ModelConfig, config_from_sit_kwargs,
                            parse_model_name, resolve_config, resolve_crop)
 
-# Heads of other codebases that a SiT does not have (reported as ignored, not unexpected).
-IGNORED_PREFIXES = ("projectors.",)           # REPA's projection heads
+# Heads of other codebases that a SiT may not have (reported as ignored, not unexpected).
+IGNORED_PREFIXES = ("projectors.",)           # REPA's projection heads (real keys when the config aligns)
 OPTIONAL_PREFIXES = ("classifier.",)          # the LSEP probe, absent from SiT / REPA weights
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
 MODEL_KWARGS_KEY = "model_kwargs"             # train.py stores SiT(...) kwargs as args.model_kwargs
@@ -172,6 +172,12 @@ def shape_facts(state):
     head = state.get("classifier.1.weight")
     if head is not None:
         facts["num_classes"] = head.shape[0]
+    # REPA's projector MLPs (projectors.N.{0,2,4}): their hidden width and each encoder's token width
+    heads = sorted({int(k.split(".")[1]) for k in state if k.startswith("projectors.") and k.split(".")[1].isdigit()})
+    if heads and heads == list(range(len(heads))) and all(f"projectors.{i}.{j}.weight" in state
+                                                          for i in heads for j in (0, 2, 4)):
+        facts["z_dims"] = tuple(state[f"projectors.{i}.4.weight"].shape[0] for i in heads)
+        facts["projector_dim"] = state["projectors.0.0.weight"].shape[0]
     return facts
 
 
@@ -181,10 +187,10 @@ def stored_facts(checkpoint, state):
     if not isinstance(checkpoint, dict):
         return {}, "state dict"
     if isinstance(checkpoint.get("config"), dict):
-        return ModelConfig.from_dict(checkpoint["config"]).to_dict(), "config"
+        return ModelConfig.from_dict(checkpoint["config"]).to_dict(all_fields=True), "config"
     kwargs = checkpoint_model_kwargs(checkpoint)
     if kwargs:
-        stored = config_from_sit_kwargs(kwargs).to_dict()
+        stored = config_from_sit_kwargs(kwargs).to_dict(all_fields=True)
         stored["path_type"] = checkpoint_args(checkpoint, "path_type", "linear")
         return stored, "model_kwargs"
     if checkpoint.get("args") is None:
@@ -193,6 +199,10 @@ def stored_facts(checkpoint, state):
     get = lambda name: checkpoint_args(checkpoint, name)  # noqa: E731
     stored = {"num_classes": get("num_classes"), "qk_norm": get("qk_norm"), "path_type": get("path_type"),
               "class_dropout_prob": get("cfg_prob")}
+    if is_repa:  # REPA trains no probe; its --enc-type names the encoders its projectors were aligned to
+        names = tuple(n.strip() for n in (get("enc_type") or "").split(",") if n.strip())
+        stored.update(probe=False, enc_type=names or None, align_depth=get("encoder_depth"),
+                      projector_dim=get("projector_dim"))
     if get("model") in MODEL_NAMES:  # their --model: its sizes (checked against the weights below)
         size, patch = parse_model_name(get("model"))
         stored.update(zip(("depth", "hidden_size", "num_heads"), SIT_SIZES[size]), patch_size=patch)
@@ -213,6 +223,12 @@ def config_from_checkpoint(checkpoint, state, given=None, defaults=None, source=
     defaults when None). Returns (config, kind of checkpoint); contradictions raise ConfigError."""
     facts = shape_facts(state)
     stored, kind = stored_facts(checkpoint, state)
+    if kind not in ("config", "model_kwargs") and (not stored.get("enc_type") or "z_dims" not in facts):
+        # other codebases' files: alignment needs both the encoder names (REPA's args) and the
+        # projectors (the weights); with either missing the projectors are ignored, as any other head
+        for key in ("enc_type", "z_dims", "projector_dim", "align_depth"):
+            stored.pop(key, None)
+            facts.pop(key, None)
     for key, value in facts.items():  # a record that disagrees with its own weights is a broken checkpoint
         if stored.get(key) is not None and stored[key] != value:
             raise CheckpointError(f"{source} records {key}={stored[key]} but its weights have {key}={value}")

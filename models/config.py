@@ -20,6 +20,8 @@ SIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (
 PATCH_SIZES = (2, 4, 8)
 MODEL_NAMES = tuple(f"SiT-{size}/{patch}" for size in SIT_SIZES for patch in PATCH_SIZES)
 PATH_TYPES = ("linear", "cosine")
+DEFAULT_PROJECTOR_DIM = 2048  # REPA's --projector-dim
+DEFAULT_ALIGN_DEPTH = 8       # REPA's --encoder-depth (the alignment depth; ours is the probe depth)
 _MODEL_NAME = re.compile(r"^SiT-(S|B|L|XL)/(\d+)$")
 
 # config field -> the command-line flag that sets it (used in every message that names a flag)
@@ -29,7 +31,11 @@ FLAGS = {
     "mlp_ratio": "--mlp-ratio", "class_dropout_prob": "--cfg-prob", "encoder_depth": "--encoder-depth",
     "uncond_prob": "--uncond-prob", "crop_start": "--crop-start", "crop_end": "--crop-end",
     "qk_norm": "--qk-norm", "path_type": "--path-type", "probe": "--probe",
+    "enc_type": "--enc-type", "z_dims": "--enc-type", "projector_dim": "--projector-dim", "align_depth": "--align-depth",
 }
+# REPA alignment fields: left out of ``to_dict`` while alignment is off, so a run without it stores
+# the same config as before they existed (and older code still reads it).
+ALIGNMENT_FIELDS = ("enc_type", "z_dims", "projector_dim", "align_depth")
 
 
 class ConfigError(ValueError):
@@ -100,6 +106,11 @@ class ModelConfig:
     qk_norm: bool = False
     path_type: str = "linear"
     probe: bool = True               # False: the SiT baseline (no probe branch or loss)
+    # REPA alignment (sihyun-yu/REPA): off while enc_type is empty
+    enc_type: tuple = ()             # --enc-type encoder names (REPA's), one projector each
+    z_dims: tuple = ()               # each encoder's token width (the projector's output)
+    projector_dim: int = DEFAULT_PROJECTOR_DIM  # hidden width of the projector MLPs
+    align_depth: int = DEFAULT_ALIGN_DEPTH      # tokens after this block (1-based) are aligned; REPA's --encoder-depth
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen)
@@ -142,6 +153,21 @@ class ModelConfig:
                                   "token grid, so there is no crop; leave the crop fields unset")
             set_("crop_start", start)
             set_("crop_end", end)
+        set_("enc_type", tuple(str(n) for n in self.enc_type or ()))
+        set_("z_dims", tuple(int(z) for z in self.z_dims or ()))
+        set_("projector_dim", int(self.projector_dim))
+        set_("align_depth", int(self.align_depth))
+        if len(self.z_dims) != len(self.enc_type) or min(self.z_dims, default=1) < 1:
+            raise ConfigError(f"--enc-type {','.join(self.enc_type)} needs one positive token width per encoder, "
+                              f"got z_dims {self.z_dims}")
+        if self.aligned:
+            if not 1 <= self.align_depth <= self.depth:
+                raise ConfigError(f"--align-depth {self.align_depth} must be in [1, depth={self.depth}]")
+            if self.projector_dim < 1:
+                raise ConfigError(f"--projector-dim must be >= 1, got {self.projector_dim}")
+        elif (self.projector_dim, self.align_depth) != (DEFAULT_PROJECTOR_DIM, DEFAULT_ALIGN_DEPTH):
+            raise ConfigError(f"--align-depth {self.align_depth} / --projector-dim {self.projector_dim} only apply "
+                              "with --enc-type (REPA alignment); drop them or pass --enc-type")
 
     # ---- derived facts, computed here only ----
     @property
@@ -162,9 +188,20 @@ class ModelConfig:
     def random_crop(self):
         return self.crop_start is not None
 
+    @property
+    def aligned(self):
+        """REPA alignment on: projectors after block ``align_depth``, one per ``enc_type`` encoder."""
+        return bool(self.enc_type)
+
     # ---- conversions ----
-    def to_dict(self):
-        return dataclasses.asdict(self)
+    def to_dict(self, all_fields=False):
+        """The fields as a dict (what checkpoints store); the alignment fields only when alignment
+        is on, unless ``all_fields``."""
+        out = dataclasses.asdict(self)
+        if not self.aligned and not all_fields:
+            for key in ALIGNMENT_FIELDS:
+                del out[key]
+        return out
 
     @classmethod
     def from_dict(cls, values, source="checkpoint"):
@@ -188,9 +225,11 @@ class ModelConfig:
     def describe(self):
         crop = f"crop {self.crop_start}..{self.crop_end - 1}" if self.random_crop else "no crop"
         probe = f"probe at block {self.encoder_depth} ({crop}, uncond {self.uncond_prob})" if self.probe else "no probe"
+        align = (f", REPA alignment of block {self.align_depth} to {'+'.join(self.enc_type)} (projectors "
+                 f"{self.projector_dim} wide)" if self.aligned else "")
         return (f"{self.model} (depth {self.depth}, width {self.hidden_size}, {self.num_heads} heads, patch "
                 f"{self.patch_size}), input {self.in_channels}x{self.input_size}x{self.input_size}, "
-                f"{self.num_classes} classes, {self.path_type} path, {probe}")
+                f"{self.num_classes} classes, {self.path_type} path, {probe}{align}")
 
 
 def config_from_sit_kwargs(kwargs):

@@ -373,3 +373,50 @@ def load_encoders(enc_type, resolution, device="cpu", enc_path=None, amp_dtype=N
     files = [resolve_weights(name, path, allow_download) for name, path in entries]
     return [build_encoder(name, resolution, f, amp_dtype, **arch_overrides).to(device)
             for (name, _), f in zip(entries, files)]
+
+
+def parse_arch_overrides(text):
+    """The hidden test flag ``--enc-arch embed_dim=32,depth=2,num_heads=2`` -> timm kwargs (ints)."""
+    out = {}
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        key, _, value = item.partition("=")
+        if not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"--enc-arch {text!r}: expected key=int pairs, e.g. embed_dim=32,depth=2,num_heads=2")
+        out[key.strip()] = int(value)
+    return out
+
+
+def alignment_fields(enc_type, enc_arch=""):
+    """The ModelConfig fields that ``--enc-type`` sets: the encoder names and their token widths
+    (``z_dims``), or {} when the flag was not given (a resumed run keeps its checkpoint's)."""
+    if enc_type is None:
+        return {}
+    names = tuple(name for name, _ in parse_enc_type(enc_type))
+    width = parse_arch_overrides(enc_arch).get("embed_dim")
+    return {"enc_type": names, "z_dims": tuple(width or ENCODERS[n].z_dim for n in names)}
+
+
+def training_encoders(config, enc_type, enc_path, resolution, device, amp_dtype=None, allow_download=False,
+                      enc_arch=""):
+    """The frozen encoders of ``config.enc_type`` (REPA) for training, [] when alignment is off.
+
+    Weight files come from ``--enc-type name=path`` / ``--enc-path`` (for a resumed run that omits
+    --enc-type: --enc-path or torch.hub's cache). Token grids and widths are checked against the
+    model: one line naming the flag.
+    """
+    from models.repa import check_token_grid
+
+    if not config.aligned:
+        return []
+    entries = parse_enc_type(enc_type or ",".join(config.enc_type), enc_path)
+    if tuple(name for name, _ in entries) != config.enc_type:
+        raise ValueError(f"--enc-type {enc_type} differs from the model's encoders {','.join(config.enc_type)}")
+    check_token_grid(list(config.enc_type), config.grid_size ** 2, config.model, resolution)  # before any weights
+    spec = ",".join(f"{name}={path}" if path else name for name, path in entries)
+    encoders = load_encoders(spec, resolution, device, None, amp_dtype, allow_download, **parse_arch_overrides(enc_arch))
+    check_token_grid(encoders, config.grid_size ** 2, config.model, resolution)
+    widths = tuple(e.z_dim for e in encoders)
+    if widths != config.z_dims:
+        raise ValueError(f"--enc-type {','.join(config.enc_type)} gives token widths {widths} but the model's "
+                         f"projectors expect {config.z_dims}")
+    return encoders

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DEFAULT_PROJECTOR_DIM = 2048
+from models.config import DEFAULT_PROJECTOR_DIM  # noqa: F401  (one source; re-exported)
 
 
 def build_projectors(hidden_size, z_dims, projector_dim=DEFAULT_PROJECTOR_DIM):

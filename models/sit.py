@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 
 from models.config import PATCH_SIZES, SIT_SIZES, config_from_sit_kwargs
+from models.repa import build_projectors, project_tokens
 
 
 def modulate(x, shift, scale):
@@ -156,10 +157,13 @@ def pool_tokens(tokens, window=None):
 #################################################################################
 
 class SiT(nn.Module):
-    """SiT backbone plus ``classifier``, the LSEP probe at depth ``encoder_depth``.
+    """SiT backbone plus ``classifier``, the LSEP probe at depth ``encoder_depth``, and, with REPA
+    alignment (``config.enc_type``), ``projectors`` reading the tokens after block ``align_depth``.
 
     ``model(x, t, y)`` returns ``(velocity, probe_logits)``; ``probe_logits`` is None in eval
-    mode and for the baseline (``probe=False``: plain SiT training, same keys).
+    mode and for the baseline (``probe=False``: plain SiT training, same keys). A training-mode
+    model with projectors returns ``(velocity, probe_logits, projected)``: one (N, T, z_dim)
+    tensor per encoder (``models/repa.py``).
     """
 
     def __init__(self, config=None, fused_attn=True, **kwargs):
@@ -196,6 +200,10 @@ class SiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, config.patch_size, self.out_channels)
         self.classifier = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, config.num_classes))
         self.initialize_weights()
+        # REPA's projectors (its keys projectors.N.*), built after the backbone so that a model
+        # without them draws the same initial weights as before they existed
+        self.align_depth = config.align_depth
+        self.projectors = build_projectors(hidden_size, config.z_dims, config.projector_dim) if config.aligned else None
         if not config.probe:  # the baseline never uses the classifier, and DDP refuses parameters without gradients
             self.classifier.requires_grad_(False)
 
@@ -251,38 +259,46 @@ class SiT(nn.Module):
         """x: (N, C, H, W) inputs, t: (N,) times in [0, 1], y: (N,) class labels."""
         if not self.training:
             return self.forward_conditioned(x, t, y)
+        align = self.projectors is not None
         y_main = self.y_embedder.drop(y, self.class_dropout_prob)
         if not self.probe:
-            return self.forward_conditioned(x, t, y_main)
+            return self.forward_conditioned(x, t, y_main, align=align)
         y_probe = self.y_embedder.drop(y, self.uncond_prob)
         window = self.sample_crop_window(x.shape[0], x.device)
-        return self.forward_conditioned(x, t, y_main, y_probe, window)
+        return self.forward_conditioned(x, t, y_main, y_probe, window, align=align)
 
-    def forward_conditioned(self, x, t, y, y_probe=None, window=None):
+    def forward_conditioned(self, x, t, y, y_probe=None, window=None, align=False):
         """Deterministic forward with labels already dropped.
 
         ``y_probe`` (labels for the probe branch) switches the probe branch on: it runs with
         the main branch as one batch of 2B through blocks 1..encoder_depth, then its tokens
-        are pooled over ``window`` and classified.
+        are pooled over ``window`` and classified. ``align`` (REPA) also returns the main
+        branch's tokens after block ``align_depth`` through the projectors (never the probe's).
         """
         x = self.x_embedder(x) + self.pos_embed
         t_emb = self.t_embedder(t)
         c = t_emb + self.y_embedder(y)
-        probe_logits = None
+        probe_logits = aligned = None
+        tap = self.align_depth if align else None
         if y_probe is None:
-            for block in self.blocks:
+            for i, block in enumerate(self.blocks, 1):
                 x = self.run_block(block, x, c)
+                aligned = x if i == tap else aligned
         else:
             batch = x.shape[0]
             c_both = torch.cat([c, t_emb + self.y_embedder(y_probe)])
             x = torch.cat([x, x])
-            for block in self.blocks[: self.encoder_depth]:
+            for i, block in enumerate(self.blocks[: self.encoder_depth], 1):
                 x = self.run_block(block, x, c_both)
+                aligned = x[:batch] if i == tap else aligned
             x, probe_tokens = x[:batch], x[batch:]
             probe_logits = self.classifier(pool_tokens(probe_tokens, window))
-            for block in self.blocks[self.encoder_depth:]:
+            for i, block in enumerate(self.blocks[self.encoder_depth:], self.encoder_depth + 1):
                 x = self.run_block(block, x, c)
+                aligned = x if i == tap else aligned
         x = self.unpatchify(self.final_layer(x, c))
+        if align:
+            return x, probe_logits, project_tokens(self.projectors, aligned)
         return x, probe_logits
 
     def run_block(self, block, x, c):
