@@ -453,6 +453,8 @@ def parse_args(argv=None):
     args.reference_precision = args.reference_precision or ("fp16" if cuda else args.precision)
     if args.gelu_epilogue and args.fp8:
         p.error("--gelu-epilogue and --fp8 both replace mlp.fc1; choose one")
+    if not cuda and (args.fp8 or args.fused_norm_modulate):
+        p.error("--fp8 and --fused-norm-modulate need a CUDA GPU (FP8 tensor cores, Triton); leave them off on CPU")
     args.warmup = 3 if args.warmup is None and cuda else (1 if args.warmup is None else args.warmup)
     args.reps = args.reps or (5 if cuda else 3)
     args.steps_per_rep = args.steps_per_rep or (5 if cuda else 1)
@@ -463,6 +465,8 @@ def parse_args(argv=None):
             p.error(f"--levers: unknown {sorted(unknown)}; choose from {','.join(LEVERS)}")
         if args.levers == "all" and not cuda:  # inductor on 2 CPU cores: minutes; the rest needs a GPU
             names = tuple(n for n in names if not n.startswith("compile") and n not in CUDA_ONLY_LEVERS)
+        elif not cuda and set(names) & set(CUDA_ONLY_LEVERS):
+            p.error(f"--levers {','.join(sorted(set(names) & set(CUDA_ONLY_LEVERS)))} need a CUDA GPU")
         args.lever_names = names
     if args.resolution % 8:
         p.error(f"--resolution {args.resolution} must be a multiple of 8 (the VAE's downsampling)")

@@ -312,3 +312,13 @@ def test_lever_numerics_equal_levers_give_the_same_loss_curve(tmp_path):
     torch.testing.assert_close(record["lever_losses"], record["base_losses"], rtol=1e-5, atol=0)
     assert record["summary"]["param_rel_l2_diff"] < 1e-5
     assert json.loads((tmp_path / "numerics.json").read_text())["summary"] == record["summary"]
+
+
+def test_bench_train_refuses_gpu_only_levers_on_cpu(capsys):
+    from benchmarks.bench_train import parse_args
+
+    for argv in (["--fp8"], ["--fused-norm-modulate"], ["--levers", "cudagraphs"], ["--gelu-epilogue", "--fp8"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--device", "cpu"] + argv)
+        assert "error:" in capsys.readouterr().err
+    assert "fp8" not in parse_args(["--device", "cpu", "--levers", "all"]).lever_names
