@@ -598,14 +598,14 @@ def parse_args(argv=None):
                         help="align to these frozen encoders (comma list of REPA's names, e.g. dinov2-vit-b; "
                              "name=/path/weights.pth for a local file); default off ('' = off)")
     parser.add_argument("--enc-path", type=str, default=None,
-                        help="encoder weights: one file/folder, or one per --enc-type entry (default: torch.hub's cache)")
+                        help="encoder weights: a file/folder, or one per --enc-type entry (default: torch.hub cache)")
     parser.add_argument("--enc-download", action=argparse.BooleanOptionalAction, default=False,
                         help="download missing encoder weights from their official URLs into torch.hub's cache")
     parser.add_argument("--proj-coeff", type=float, default=0.5, help="weight of the alignment loss (REPA's 0.5)")
     parser.add_argument("--projector-dim", type=int, default=None,
                         help=f"hidden width of the projector MLPs (default {DEFAULT_PROJECTOR_DIM})")
     parser.add_argument("--align-depth", type=int, default=None,
-                        help=f"align the tokens after this block (REPA's --encoder-depth; default {DEFAULT_ALIGN_DEPTH})")
+                        help=f"the aligned block, REPA's --encoder-depth (default {DEFAULT_ALIGN_DEPTH})")
     parser.add_argument("--enc-arch", type=str, default="", help=argparse.SUPPRESS)  # tests: tiny random encoders
     # fine-tuning, post-hoc EMA, evaluation during training (train_eval.py)
     parser.add_argument("--init-from", type=str, default=None, metavar="CKPT",

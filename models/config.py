@@ -31,7 +31,8 @@ FLAGS = {
     "mlp_ratio": "--mlp-ratio", "class_dropout_prob": "--cfg-prob", "encoder_depth": "--encoder-depth",
     "uncond_prob": "--uncond-prob", "crop_start": "--crop-start", "crop_end": "--crop-end",
     "qk_norm": "--qk-norm", "path_type": "--path-type", "probe": "--probe",
-    "enc_type": "--enc-type", "z_dims": "--enc-type", "projector_dim": "--projector-dim", "align_depth": "--align-depth",
+    "enc_type": "--enc-type", "z_dims": "--enc-type", "projector_dim": "--projector-dim",
+    "align_depth": "--align-depth",
 }
 # REPA alignment fields: left out of ``to_dict`` while alignment is off, so a run without it stores
 # the same config as before they existed (and older code still reads it).

@@ -413,7 +413,8 @@ def training_encoders(config, enc_type, enc_path, resolution, device, amp_dtype=
         raise ValueError(f"--enc-type {enc_type} differs from the model's encoders {','.join(config.enc_type)}")
     check_token_grid(list(config.enc_type), config.grid_size ** 2, config.model, resolution)  # before any weights
     spec = ",".join(f"{name}={path}" if path else name for name, path in entries)
-    encoders = load_encoders(spec, resolution, device, None, amp_dtype, allow_download, **parse_arch_overrides(enc_arch))
+    encoders = load_encoders(spec, resolution, device, None, amp_dtype, allow_download,
+                             **parse_arch_overrides(enc_arch))
     check_token_grid(encoders, config.grid_size ** 2, config.model, resolution)
     widths = tuple(e.z_dim for e in encoders)
     if widths != config.z_dims:
