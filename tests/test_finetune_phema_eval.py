@@ -237,3 +237,53 @@ def test_eval_inputs_fail_at_start_up_in_one_line(data, tmp_path, eval_files, ca
         run(*argv(data[16], tmp_path, "bad", "--eval-every", 100, "--max-train-steps", 1, *flags))
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not os.path.exists(os.path.join(tmp_path, "bad", "stats.jsonl"))  # before any step
+
+
+WRAPPER = """import sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from evaluator import metrics
+metrics._sqrtm = lambda m: np.diag(np.sqrt(np.abs(np.diag(m))))  # fast_sqrtm_stand_in
+import train
+train.cli(sys.argv[1:])
+"""
+
+
+def test_eval_with_two_processes_shards_sampling_and_inception(data, tmp_path, eval_files, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wrapper = tmp_path / "train_wrapper.py"
+    wrapper.write_text(WRAPPER.format(root=root))
+    flags = ["--eval-every", 2, "--eval-samples", 7, "--eval-steps", 3, "--eval-ref", eval_files["ref"],
+             "--eval-inception-weights", eval_files["weights"], "--eval-keep-samples", "--eval-cfg-scale", 1.5]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
+               *map(str, argv(data[16], tmp_path, "two", "--max-train-steps", 2, *flags))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    proc = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+    assert proc.returncode == 0, output[-3000:]
+    (record,) = [r for r in stats(tmp_path, "two") if "eval_fid" in r]
+    assert record["step"] == 2 and record["eval_samples"] == 7
+    # 7 samples dealt over 2 processes in batches of 4: generate.py's images, one process
+    npz = os.path.join(tmp_path, "two", "eval", "0000002.npz")
+    with np.load(npz) as f:
+        evaluated = f["arr_0"]
+    made = sample(os.path.join(tmp_path, "two", "checkpoints", "0000002.pt"), tmp_path / "gen", 7, "--cfg-scale", "1.5",
+                  "--num-steps", "3")
+    np.testing.assert_array_equal(evaluated, made)
+    monkeypatch.setattr(metrics, "_sqrtm", fast_sqrtm_stand_in)
+    output = str(tmp_path / "cli.json")
+    assert evaluator_cli.main([eval_files["ref"], npz, "--inception-weights", eval_files["weights"], "--device", "cpu",
+                               "--batch-size", "4", "--output", output, "--no-cache"]) == 0
+    with open(output) as f:
+        cli = json.load(f)
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):  # Inception sharded over 2 processes
+        assert record[f"eval_{key}"] == pytest.approx(cli[key], rel=1e-6, abs=1e-9), key
