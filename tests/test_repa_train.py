@@ -205,6 +205,8 @@ def test_repa_plus_lsep_gradient_is_the_sum_of_the_terms(align_depth):
 def test_alignment_config_is_validated_and_stored_only_when_on():
     config = tiny_config()
     assert config.aligned and ModelConfig.from_dict(config.to_dict()) == config
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config  # args.json: lists
+    assert "REPA alignment of block 2 to dinov2-vit-b+mocov3-vit-s" in config.describe()
     plain = tiny_config(enc_type=(), z_dims=(), projector_dim=2048, align_depth=8)
     assert not plain.aligned and "enc_type" not in plain.to_dict() and "align_depth" not in plain.to_dict()
     assert SiT(plain).projectors is None and not any(k.startswith("projectors.") for k in SiT(plain).state_dict())
