@@ -214,13 +214,15 @@ def _fsync_directory(directory):
         os.close(fd)
 
 
-def atomic_write(path, write_fn, expected_bytes=None):
+def atomic_write(path, write_fn, expected_bytes=None, fsync=True):
     """Write `path` by calling write_fn(binary file) on its temp_path, fsync, then rename over `path`.
 
     On any failure the temporary is removed and a previous `path` stays untouched. No space or
     quota left becomes DiskFull naming the path, the free space and the space needed
     (`expected_bytes` if given, else at least what was written before the failure). The file gets
     the permissions open() would give (0666 minus the umask), also for readers on a shared cluster.
+    `fsync=False` skips both fsyncs (many small files, e.g. sample PNGs: a killed process still
+    leaves old-or-new, only a power cut can leave an empty file).
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -232,7 +234,8 @@ def atomic_write(path, write_fn, expected_bytes=None):
             recorder = _RecordingFile(f)
             write_fn(recorder)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         try:
@@ -248,4 +251,5 @@ def atomic_write(path, write_fn, expected_bytes=None):
             raise DiskFull(f"{_cause(cause)} while writing {path}: {human_bytes(free)} free there, {needed} needed; "
                            f"free some space or write elsewhere ({what})") from None
         raise
-    _fsync_directory(directory)
+    if fsync:
+        _fsync_directory(directory)

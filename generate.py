@@ -36,6 +36,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+import fileio
+from fileio import OutputError, atomic_write, check_writable, remove_stale_temps
 from models.checkpoint import CheckpointError, load_model
 from models.config import MODEL_NAMES, PATH_TYPES, ConfigError
 from models.vae import VAEWeightsMissing, decode_to_uint8, load_vae, pixels_to_uint8, vae_identity
@@ -250,7 +252,8 @@ def read_folder_identity(folder):
         except (OSError, ValueError):
             stored = "unreadable"
     has_samples = os.path.exists(f"{folder}.npz") or (
-        os.path.isdir(folder) and any(name.endswith(".png") for name in os.listdir(folder)))
+        os.path.isdir(folder) and any(name.endswith(".png") and not name.startswith(fileio.TEMP_PREFIX)
+                                      for name in os.listdir(folder)))
     return stored, has_samples
 
 
@@ -270,10 +273,7 @@ def check_sample_folder(folder, identity):
 
 def write_folder_identity(folder, identity):
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, PROVENANCE_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(identity, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write(os.path.join(folder, PROVENANCE_FILE), lambda f: f.write(json.dumps(identity, indent=1).encode()))
 
 
 def read_npz_identity(path):
@@ -296,20 +296,16 @@ def png_path(folder, index):
 
 
 def save_png_atomic(image, path):
-    """Write a PNG under a temporary name in the same folder, then rename it into place."""
-    tmp = f"{os.path.dirname(path)}/.tmp-{os.getpid()}-{os.path.basename(path)}"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write a PNG under a temporary name in the same folder (fileio.temp_path: it names its host
+    and process), then rename it into place; a full disk is fileio.DiskFull (one line)."""
+    atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"), fsync=False)  # 50k fsyncs: slow
 
 
 def missing_indices(folder, num_samples):
-    """Indices in [0, N) without a PNG, after removing temporary files a killed run left."""
-    names = set()
-    for name in os.listdir(folder):
-        if name.startswith(".tmp-"):
-            os.remove(os.path.join(folder, name))
-        else:
-            names.add(name)
+    """Indices in [0, N) without a PNG, after removing temporary files a killed run left (those of
+    live processes, e.g. another generate.py on this folder, are kept)."""
+    remove_stale_temps(folder)
+    names = set(os.listdir(folder))
     return [i for i in range(num_samples) if f"{i:06d}.png" not in names]
 
 
@@ -334,9 +330,9 @@ def write_npz(folder, num_samples, path, identity):
     sample set's identity goes in as ``provenance`` (UTF-8 JSON bytes), which ADM's evaluator ignores."""
     first = np.asarray(Image.open(png_path(folder, 0)).convert("RGB"))
     shape = (num_samples, *first.shape)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+
+    def write(out):  # into fileio's temporary (.tmp-<host>-<pid>-<name>.npz), renamed when complete
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as f:
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
                           "fortran_order": False, "shape": shape}
@@ -349,11 +345,8 @@ def write_npz(folder, num_samples, path, identity):
                     f.write(np.ascontiguousarray(image).tobytes())
             with zf.open(f"{NPZ_PROVENANCE_KEY}.npy", "w") as f:
                 np.lib.format.write_array(f, np.frombuffer(json.dumps(identity).encode(), dtype=np.uint8))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(path, write, expected_bytes=int(np.prod(shape)))
     return shape
 
 
@@ -399,6 +392,8 @@ def main(args):
     distributed = dist.is_initialized()
     torch.backends.cuda.matmul.allow_tf32 = args.precision != "fp32"
     torch.backends.cudnn.allow_tf32 = args.precision != "fp32"
+    if not args.print_npz_path:  # before any work: a read-only --sample_dir costs seconds, not a run
+        check_writable(args.sample_dir, "--sample_dir")
 
     # ---- model, decoder, and the identity of the sample set they make ----
     loaded = load_sampling_model(args, hash_weights=rank == 0)
@@ -417,6 +412,7 @@ def main(args):
     if rank == 0:
         identity = sample_set_identity(args, loaded, decoder, resolution, device)
         try:
+            remove_stale_temps(args.sample_dir)  # npz temporaries of killed runs (the folder's: missing_indices)
             check_sample_folder(folder, identity)
             shape = (args.num_fid_samples, resolution, resolution, 3)
             if npz_is_complete(npz_path, shape) and identity_key(read_npz_identity(npz_path)) == identity_key(identity):
@@ -430,7 +426,7 @@ def main(args):
                       f"{world_size} process(es), device {device.type}, precision {args.precision}")
                 print(f"Model {config.describe()}; EMA weights sha256 {loaded.weights_sha256[:12]} "
                       f"({loaded.report.summary()})")
-        except GenerateError as exc:
+        except (GenerateError, OutputError) as exc:
             plan = [("error", str(exc))]
     if distributed:
         dist.broadcast_object_list(plan, src=0)
@@ -577,7 +573,8 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (CheckpointError, ConfigError, VAEWeightsMissing, GenerateError) as exc:
+    except (CheckpointError, ConfigError, VAEWeightsMissing, GenerateError, OutputError) as exc:
+        # exit 2 for every error the user must fix: flags, checkpoint, decoder, output folder, full disk
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"generate.py: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from loss import LSEPLoss
 from models import SiT
-from models.checkpoint import atomic_save, load_checkpoint_file
+from models.checkpoint import CheckpointError
 from models.config import DEFAULT_ALIGN_DEPTH, DEFAULT_PROJECTOR_DIM, DEFAULTS, MODEL_NAMES, PATH_TYPES
 from models.encoders import EncoderWeightsError, EncoderWeightsMissing, parse_arch_overrides, parse_enc_type, \
     training_encoders
@@ -37,8 +37,13 @@ from train_eval import (PosthocTracking, TrainingEval, describe_init, init_from,
                         posthoc_checkpoint_entry)
 from train_utils import (NonFiniteGuard, StepBatchSampler, StepStats, TrainingDiverged, TrainingError, append_stats,
                          build_checkpoint, checkpoint_path, classifier_learning_rate, ensure_wandb_cannot_hang,
-                         global_batch_size, image_grid, list_checkpoints, log_image, memory_stats, resolve_resume,
+                         global_batch_size, image_grid, log_image, memory_stats,
                          restore_checkpoint, run_provenance, save_png, seed_step, training_config, update_ema)
+# reliability (issue 13): one-line faults, no half-written files
+from fileio import OutputError, atomic_write, check_writable, remove_stale_temps
+from preprocessing.storage import DatasetError
+from train_utils import (data_error, open_resume_checkpoint, refuse_overwrite, remove_checkpoints, save_checkpoint,
+                         trim_stats)
 
 PREVIEW_SAMPLES = 64      # images in each preview grid (the authors' 64)
 PREVIEW_STEPS = 50        # Euler steps of the preview sampler
@@ -250,7 +255,8 @@ def build_model_and_optimizer(args, config, device):
 
 def restore_training_state(checkpoint, path, args, config, model, ema, optimizer, scaler, dataset):
     """Load a checkpoint into the training objects; returns (step, samples_seen, nonfinite)."""
-    step, samples_seen, nonfinite = restore_checkpoint(checkpoint, unwrap_model(model), ema, optimizer, scaler)
+    step, samples_seen, nonfinite = restore_checkpoint(checkpoint, unwrap_model(model), ema, optimizer, scaler,
+                                                       source=path)
     for group, lr, decay in zip(optimizer.param_groups, (args.learning_rate, classifier_learning_rate(args, config)),
                                 (args.adam_weight_decay, args.adam_weight_decay_class)):
         group.update(lr=lr, weight_decay=decay)  # the flags win over the saved values
@@ -314,10 +320,15 @@ def main(args):
     checkpoint_dir = os.path.join(exp_dir, "checkpoints")
     accelerator = make_accelerator(args, exp_dir)
     device, is_main = accelerator.device, accelerator.is_main_process
-    if is_main:
-        os.makedirs(checkpoint_dir, exist_ok=True)
+    if is_main:  # before any work: a read-only --output-dir costs seconds, not a run
+        check_writable(exp_dir, "--output-dir")
+        check_writable(checkpoint_dir, "--output-dir")
+    refuse_overwrite(checkpoint_dir, args.resume_step, args.overwrite)
     accelerator.wait_for_everyone()
     setup_logging(exp_dir, is_main)
+    if is_main:  # temporaries of killed saves (10 GB each at SiT-XL/2) whose process is gone
+        for folder in (checkpoint_dir, exp_dir, os.path.join(exp_dir, "samples")):
+            remove_stale_temps(folder, log=logger.info)
     if args.batch_size % accelerator.num_processes:
         raise TrainingError(f"--batch-size {args.batch_size} is not divisible by the {accelerator.num_processes} "
                             "processes; each process takes --batch-size / processes samples per micro-step")
@@ -329,8 +340,8 @@ def main(args):
     in_channels, input_size = data_geometry(args, dataset, vae)
 
     # ---- model config (flags + data, or the checkpoint being resumed), model, optimizer, loss ----
-    resume_path = resolve_resume(checkpoint_dir, args.resume_step)
-    resumed = load_checkpoint_file(resume_path) if resume_path else None
+    resume_path, resumed = open_resume_checkpoint(checkpoint_dir, args.resume_step,
+                                                  warn=logger.warning if is_main else None)
     config = training_config(args, in_channels, input_size, resumed, f"checkpoint {resume_path}")
     if dataset.num_classes > config.num_classes:
         raise TrainingError(f"--num-classes {config.num_classes} is smaller than the {dataset.num_classes} classes "
@@ -356,9 +367,8 @@ def main(args):
     if resumed is not None:
         step, samples_seen, nonfinite = restore_training_state(resumed, resume_path, args, config, model, ema,
                                                                optimizer, scaler, dataset)
-    elif list_checkpoints(checkpoint_dir) and is_main:
-        logger.warning(f"{checkpoint_dir} already holds checkpoints; this fresh run (--resume-step 0) overwrites "
-                       "them as it reaches their steps (--resume-step -1 resumes from the latest)")
+    elif args.overwrite and is_main:  # refused without --overwrite (refuse_overwrite, at start-up)
+        remove_checkpoints(checkpoint_dir, log=logger.warning)
     provenance = run_provenance(resumed and resumed.get("provenance"), args, dataset, accelerator)
     provenance["init_from"] = init_record or ((resumed or {}).get("provenance") or {}).get("init_from")
     posthoc = None  # post-hoc EMA profiles, on the main process (updated after every step)
@@ -382,6 +392,8 @@ def main(args):
     # ---- loop ----
     model.train()
     stats_path = os.path.join(exp_dir, "stats.jsonl")
+    if is_main:  # one record per step: a resumed run rewrites the steps after its checkpoint
+        trim_stats(stats_path, step, log=logger.info)
     preview = preview_noise(args, config, device) if is_main and args.sampling_steps > 0 else None
     guard, stats = NonFiniteGuard(args.max_nonfinite, **nonfinite), StepStats(device)
     nan_steps, last_checkpoint = parse_step_list(args.debug_nan_steps), resume_path
@@ -419,6 +431,7 @@ def main(args):
                           "lr": optimizer.param_groups[0]["lr"], "lr_class": optimizer.param_groups[1]["lr"],
                           "loss_scale": scaler.get_scale() if scaler is not None else None,
                           "time": time.time() - start_time, **memory_stats(device)}
+                guard.note_log(record["loss"], record["skipped_steps"])  # is the loss in its normal range?
                 if is_main:
                     append_stats(stats_path, record)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", probe=f"{record['probe_loss']:.4f}",
@@ -435,13 +448,16 @@ def main(args):
 
             # ---- checkpoint: every --checkpointing-steps, every --checkpointing-epochs, and at the end ----
             if checkpoint_due(args, step, total_steps, samples_seen, global_batch, len(dataset)):
-                last_checkpoint = checkpoint_path(checkpoint_dir, step)
+                path = checkpoint_path(checkpoint_dir, step)
+                guard.note_checkpoint(path)
                 if is_main:
-                    atomic_save({**build_checkpoint(unwrap_model(model), ema, optimizer, args, config, provenance, step,
-                                                    samples_seen, len(dataset), scaler, guard.state()),
-                                 **posthoc_checkpoint_entry(posthoc)}, last_checkpoint)
-                    logger.info(f"Saved checkpoint to {last_checkpoint}")
+                    save_checkpoint({**build_checkpoint(unwrap_model(model), ema, optimizer, args, config, provenance,
+                                                        step, samples_seen, len(dataset), scaler, guard.state()),
+                                     **posthoc_checkpoint_entry(posthoc)}, path, last_checkpoint,
+                                    pause=step == args.debug_slow_save_step)
+                    logger.info(f"Saved checkpoint to {path}")
                 accelerator.wait_for_everyone()
+                last_checkpoint = path
 
             # ---- FID / IS / precision / recall of the EMA model (--eval-every), on every process ----
             if evaluation is not None and evaluation.due(step):
@@ -457,6 +473,8 @@ def main(args):
                 save_png(grid, os.path.join(exp_dir, "samples", f"{step:07d}.png"))
                 log_image(accelerator, "samples", grid, step)
                 logger.info(f"Saved preview samples/{step:07d}.png")
+    except DatasetError as exc:  # a file damaged after the start-up checks (also from a DataLoader worker)
+        raise data_error(exc, step, last_checkpoint) from None
     finally:
         progress.close()
         accelerator.end_training()
@@ -485,10 +503,7 @@ def log_run_summary(args, config, dataset, accelerator, total_steps, exp_dir, pr
 
 
 def write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
 
 
 def parse_step_list(text):
@@ -631,6 +646,12 @@ def parse_args(argv=None):
                         help="local Inception-v3 weights for --eval-every (default: torch.hub cache, else download)")
     parser.add_argument("--eval-keep-samples", action="store_true",
                         help="keep <exp>/eval/<step>.npz (default: deleted once evaluated)")
+    # reliability
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a fresh run (--resume-step 0) in an experiment folder that holds checkpoints, "
+                             "deleting them (refused otherwise)")
+    # testing: sleep inside the save of this step's checkpoint, its temporary file written (kill tests)
+    parser.add_argument("--debug-slow-save-step", type=int, default=None, help=argparse.SUPPRESS)
     # testing: multiply the loss by NaN at these steps, e.g. "3,5-7" (step numbers as logged, from 1)
     parser.add_argument("--debug-nan-steps", type=str, default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -643,6 +664,8 @@ def parse_args(argv=None):
             parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.resume_step < -1:
         parser.error("--resume-step must be a step >= 0, or -1 for the latest checkpoint")
+    if args.overwrite and args.resume_step != 0:
+        parser.error(f"--overwrite starts over; it contradicts --resume-step {args.resume_step}")
     if not 0.0 <= args.ema_decay <= 1.0:
         parser.error(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
     try:
@@ -684,7 +707,8 @@ def cli(argv=None):
     args = parse_args(argv)
     try:
         main(args)
-    except (TrainingError, TrainingDiverged) as exc:
+    except (TrainingError, TrainingDiverged, OutputError, DatasetError, CheckpointError) as exc:
+        # exit 1: something the user must fix (flags, data, checkpoints, output folder, full disk); 2: diverged
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, TrainingDiverged) else 1)

@@ -19,7 +19,9 @@ import time
 
 import torch
 
-from models.checkpoint import config_from_checkpoint, extract_state_dict
+from fileio import DiskFull, atomic_write, payload_bytes
+from models.checkpoint import (CheckpointError, config_from_checkpoint, extract_state_dict, load_checkpoint_file,
+                               load_state_into)
 from models.config import DEFAULTS, MODEL_NAMES, ConfigError, resolve_config
 from models.encoders import alignment_fields
 from seeding import derive_seed
@@ -62,7 +64,7 @@ def training_config(args, in_channels, input_size, checkpoint=None, source=None)
             return resolve_config(data, given, DEFAULTS, "the data")
         config, _ = config_from_checkpoint(checkpoint, extract_state_dict(checkpoint, "model"), given,
                                            DEFAULTS, source)
-    except ConfigError as exc:
+    except (ConfigError, CheckpointError) as exc:
         raise TrainingError(str(exc)) from None
     for key, value in data.items():
         if getattr(config, key) != value:
@@ -219,22 +221,6 @@ def list_checkpoints(checkpoint_dir):
     return sorted(found)
 
 
-def resolve_resume(checkpoint_dir, resume_step):
-    """Checkpoint path to resume from: None for a fresh run (0, or -1 with no checkpoint yet), the
-    latest for -1, else exactly ``resume_step`` (missing: TrainingError listing what exists)."""
-    if resume_step == 0:
-        return None
-    available = list_checkpoints(checkpoint_dir)
-    if resume_step < 0:
-        return available[-1][1] if available else None
-    for step, path in available:
-        if step == resume_step:
-            return path
-    listing = ", ".join(str(s) for s, _ in available) or "none"
-    raise TrainingError(f"--resume-step {resume_step}: {checkpoint_path(checkpoint_dir, resume_step)} does not exist; "
-                        f"available steps in {checkpoint_dir}: {listing} (--resume-step -1 takes the latest)")
-
-
 def build_checkpoint(model, ema, optimizer, args, config, provenance, step, samples_seen, dataset_size, scaler=None,
                      nonfinite=None):
     """The authors' layout (model, ema, opt, args, steps, epoch) plus the model config, the run's
@@ -259,15 +245,23 @@ def build_checkpoint(model, ema, optimizer, args, config, provenance, step, samp
     }
 
 
-def restore_checkpoint(checkpoint, model, ema, optimizer, scaler=None):
+def restore_checkpoint(checkpoint, model, ema, optimizer, scaler=None, source="the checkpoint"):
     """Load a build_checkpoint dict (or an authors' one) into the training objects.
 
     Returns (step, samples_seen or None, nonfinite counters). Authors' checkpoints lack the data
-    position; the caller then assumes ``step x global batch``.
+    position; the caller then assumes ``step x global batch``. Weights of another size are a
+    TrainingError naming the key and both shapes (``source`` names the file).
     """
-    model.load_state_dict(checkpoint["model"], strict=True)
-    ema.load_state_dict(checkpoint["ema"], strict=True)
-    optimizer.load_state_dict(checkpoint["opt"])
+    try:  # one line naming the key and both shapes, not PyTorch's size-mismatch dump
+        load_state_into(model, extract_state_dict(checkpoint, "model"), f"{source} (model)", strict=True)
+        load_state_into(ema, extract_state_dict(checkpoint, "ema"), f"{source} (ema)", strict=True)
+    except CheckpointError as exc:
+        raise TrainingError(f"cannot resume: {first_line(exc)}") from None
+    try:
+        optimizer.load_state_dict(checkpoint["opt"])
+    except (ValueError, KeyError) as exc:
+        raise TrainingError(f"cannot resume: the optimizer state in {source} does not fit this model "
+                            f"({first_line(exc)}); it was written by another training script or model") from None
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     data = checkpoint.get("data") or {}
@@ -276,16 +270,138 @@ def restore_checkpoint(checkpoint, model, ema, optimizer, scaler=None):
 
 
 #################################################################################
+#              Reliability: overwrite, unreadable checkpoints, faults            #
+#################################################################################
+
+# --debug-slow-save-step: how long the save sleeps with its temporary file written (tests kill it then)
+DEBUG_SAVE_PAUSE_S = 600
+
+
+def first_line(exc):
+    """The first non-empty line of an exception's message (torch's can run to pages)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def refuse_overwrite(checkpoint_dir, resume_step, overwrite):
+    """A fresh run (--resume-step 0) in an experiment folder that holds checkpoints is an error
+    unless --overwrite says to start over."""
+    available = list_checkpoints(checkpoint_dir)
+    if resume_step == 0 and available and not overwrite:
+        steps = ", ".join(str(s) for s, _ in available[-3:])
+        raise TrainingError(f"{checkpoint_dir} already holds {len(available)} checkpoints (up to steps {steps}); "
+                            "pass --resume-step -1 to continue from the latest, or --overwrite to delete them and "
+                            "start over")
+
+
+def remove_checkpoints(checkpoint_dir, log=print):
+    """--overwrite: delete the <step>.pt files of the previous run (a later --resume-step -1 would
+    otherwise pick up the old run's later steps)."""
+    available = list_checkpoints(checkpoint_dir)
+    for _, path in available:
+        os.remove(path)
+    if available:
+        log(f"--overwrite: deleted the {len(available)} checkpoints of the previous run in {checkpoint_dir}")
+
+
+def open_resume_checkpoint(checkpoint_dir, resume_step, warn=print):
+    """(path, checkpoint loaded with mmap) to resume from, or (None, None) for a fresh run.
+
+    -1: the newest readable checkpoint; each unreadable newer one (truncated, not a torch file) is
+    reported through ``warn`` and skipped (torch.load with mmap reads the zip directory at the
+    end of the file, so a truncated file fails at once without reading 10 GB). N: exactly that
+    step; missing or unreadable is a TrainingError saying what else there is.
+    """
+    if resume_step == 0:
+        return None, None
+    available = list_checkpoints(checkpoint_dir)
+    listing = ", ".join(str(s) for s, _ in available) or "none"
+    if resume_step > 0:
+        path = dict(available).get(resume_step)
+        if path is None:
+            raise TrainingError(f"--resume-step {resume_step}: {checkpoint_path(checkpoint_dir, resume_step)} does "
+                                f"not exist; available steps in {checkpoint_dir}: {listing} (--resume-step -1 takes "
+                                "the latest)")
+        try:
+            return path, load_checkpoint_file(path)
+        except CheckpointError as exc:
+            raise TrainingError(f"--resume-step {resume_step}: {first_line(exc)}; pass another step ({listing}) or "
+                                "--resume-step -1 for the newest readable one") from None
+    bad = []
+    for _, path in reversed(available):
+        try:
+            checkpoint = load_checkpoint_file(path)
+        except CheckpointError as exc:
+            bad.append(path)
+            if warn is not None:
+                warn(f"skipping {first_line(exc)}")
+            continue
+        if bad and warn is not None:
+            warn(f"resuming from {path}, the newest readable checkpoint ({len(bad)} newer unreadable: "
+                 f"{', '.join(bad)}; delete or move them)")
+        return path, checkpoint
+    if bad:
+        raise TrainingError(f"none of the {len(bad)} checkpoints in {checkpoint_dir} can be read (e.g. {bad[0]}); "
+                            "restore one from a backup, or pass --resume-step 0 --overwrite to start over")
+    return None, None
+
+
+def save_checkpoint(checkpoint, path, previous=None, pause=False):
+    """models.checkpoint.atomic_save, with a full disk reported as one line that also names the
+    previous checkpoint (intact: only a temporary was written). ``pause``: the hidden
+    --debug-slow-save-step, which sleeps with the temporary written, before the rename."""
+    def write(f):
+        torch.save(checkpoint, f)
+        if pause:
+            f.flush()
+            time.sleep(DEBUG_SAVE_PAUSE_S)
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        atomic_write(path, write, expected_bytes=payload_bytes(checkpoint))
+    except DiskFull as exc:
+        keep = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise DiskFull(f"{exc}; {keep}: free space, then resume with --resume-step -1") from None
+
+
+def data_error(exc, step, last_checkpoint):
+    """A DatasetError met mid-run (directly, or re-raised by a DataLoader worker) as one line:
+    the file and its fix, the step it stopped, and where to resume once it is fixed."""
+    from dataset import dataset_error_line
+
+    where = f"{last_checkpoint} is the latest checkpoint" if last_checkpoint else "no checkpoint was written yet"
+    return TrainingError(f"stopped at step {step + 1}, nothing saved for it ({where}; --resume-step -1 continues "
+                         f"once the data is fixed): {dataset_error_line(exc)}")
+
+
+#################################################################################
 #                          Non-finite guard and stats                           #
 #################################################################################
 
-class NonFiniteGuard:
-    """Counts skipped steps; raises TrainingDiverged after ``max_consecutive`` in a row (0 = never)."""
+# A logged window's mean loss above this multiple of the lowest window mean so far is out of its
+# normal range (a loss on its way to overflowing; the weights may already be damaged).
+NORMAL_LOSS_FACTOR = 2.0
 
-    def __init__(self, max_consecutive, consecutive=0, total=0):
+
+class NonFiniteGuard:
+    """Counts skipped steps; raises TrainingDiverged after ``max_consecutive`` in a row (0 = never).
+
+    It also names the checkpoint to go back to: the last one saved while the loss was in its
+    normal range, meaning that the last logged window before the save (a stats.jsonl record) had
+    no skipped step and a finite mean loss at most NORMAL_LOSS_FACTOR x the lowest window mean so
+    far, and no step was skipped between that log and the save. Before the first log nothing is
+    known against the weights, so they count as in range. ``state()`` goes into each checkpoint,
+    so a resumed run keeps the record.
+    """
+
+    def __init__(self, max_consecutive, consecutive=0, total=0, lowest_loss=None, in_range=True,
+                 good_checkpoint=None):
         self.max_consecutive = max_consecutive
         self.consecutive = consecutive
         self.total = total
+        self.lowest_loss = lowest_loss
+        self.in_range = in_range
+        self.good_checkpoint = good_checkpoint
 
     def record(self, bad, step, last_checkpoint=None):
         if not bad:
@@ -293,15 +409,41 @@ class NonFiniteGuard:
             return
         self.consecutive += 1
         self.total += 1
+        self.in_range = False
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
-            where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
             raise TrainingDiverged(
                 f"training stopped at step {step}: {self.consecutive} consecutive steps with a non-finite loss or "
-                f"gradient norm (--max-nonfinite {self.max_consecutive}); {where}. Lower --learning-rate, try "
-                f"--mixed-precision bf16/no, or resume from it with --resume-step")
+                f"gradient norm (--max-nonfinite {self.max_consecutive}); {self.where(last_checkpoint)}. Lower "
+                f"--learning-rate or try --mixed-precision bf16/no")
+
+    def where(self, last_checkpoint):
+        """Which checkpoint to resume from, in words."""
+        good = self.good_checkpoint
+        if good is None:
+            if last_checkpoint is None:
+                return "no checkpoint was written"
+            return (f"no checkpoint was saved while the loss was in its normal range, so {last_checkpoint} may "
+                    "hold damaged weights")
+        match = CHECKPOINT_NAME.match(os.path.basename(good))
+        resume = f" (--resume-step {int(match.group(1))})" if match else ""
+        later = f"; later ones, up to {last_checkpoint}, may hold damaged weights" if last_checkpoint != good else ""
+        return f"the last checkpoint saved while the loss was in its normal range is {good}{resume}{later}"
+
+    def note_log(self, mean_loss, skipped):
+        """A logged window closed with this mean loss (None or NaN when every step was skipped)."""
+        finite = mean_loss is not None and math.isfinite(mean_loss)
+        if finite:
+            self.lowest_loss = mean_loss if self.lowest_loss is None else min(self.lowest_loss, mean_loss)
+        self.in_range = finite and not skipped and mean_loss <= NORMAL_LOSS_FACTOR * self.lowest_loss
+
+    def note_checkpoint(self, path):
+        """A checkpoint is about to be saved at ``path`` (call before state() goes into it)."""
+        if self.in_range:
+            self.good_checkpoint = path
 
     def state(self):
-        return {"consecutive": self.consecutive, "total": self.total}
+        return {"consecutive": self.consecutive, "total": self.total, "lowest_loss": self.lowest_loss,
+                "in_range": self.in_range, "good_checkpoint": self.good_checkpoint}
 
 
 class StepStats:
@@ -354,6 +496,28 @@ def memory_stats(device):
     except (OSError, ValueError, IndexError):  # not Linux: peak RSS instead
         stats["cpu_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return stats
+
+
+def trim_stats(path, step, log=print):
+    """Drop the stats.jsonl records after ``step`` (a resumed run writes them again: one record per
+    step), rewriting the file atomically. A fresh run (step 0) starts an empty file."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return 0
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a kill: dropped
+    dropped = len(lines) - len(keep)
+    if dropped:
+        atomic_write(path, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
+        log(f"{path}: dropped {dropped} records after step {step} (this run writes them again)")
+    return dropped
 
 
 def append_stats(path, record):
@@ -412,6 +576,4 @@ def image_grid(images):
 def save_png(array, path):
     from PIL import Image
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"), fsync=False)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import fileio
 import generate
 from models import SiT
 from models.checkpoint import atomic_save
@@ -113,9 +114,12 @@ def test_restart_writes_only_missing_pngs_and_matches_unbroken_run(files, capsys
     assert not os.path.exists(folder + ".npz")
     first = pngs(folder)
     assert sorted(first) == [f"{i:06d}.png" for i in range(8)]
-    open(os.path.join(folder, ".tmp-123-000009.png"), "wb").write(b"trunc")  # a killed write
+    # a write killed mid-PNG: fileio's temporary, owned by a process that no longer exists (no pid is this high)
+    killed = fileio.temp_path(os.path.join(folder, "000009.png")).replace(f"-{os.getpid()}-", "-999999999-")
+    open(killed, "wb").write(b"trunc")
 
     run_inprocess(pixel_args(files, out / "killed", 5))  # another batch size on restart
+    assert f"removed stale temporary file {killed} (5 B; its process 999999999 has exited)" in capsys.readouterr().out
     assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(12)] + ["provenance.json"]
     assert {n: t for n, t in pngs(folder).items() if n in first} == first
     np.testing.assert_array_equal(load(folder), unbroken)

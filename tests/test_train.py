@@ -287,7 +287,9 @@ def test_nonfinite_step_is_skipped_and_logged(latent_dir, tmp_path):
     assert_states_equal(one["ema"], two["ema"])
     assert_nested_equal(one["opt"], two["opt"])
     assert not torch.equal(two["model"]["final_layer.linear.weight"], three["model"]["final_layer.linear.weight"])
-    assert three["nonfinite"] == {"consecutive": 0, "total": 1}
+    assert (three["nonfinite"]["consecutive"], three["nonfinite"]["total"]) == (0, 1)
+    assert [os.path.basename(c["nonfinite"]["good_checkpoint"]) for c in (one, two, three)] == \
+        ["0000001.pt", "0000001.pt", "0000003.pt"]  # step 2 was skipped: its checkpoint is not named as good
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(latent_dir, tmp_path, capsys):
