@@ -112,6 +112,37 @@ def test_init_from_16px_run_fine_tunes_at_32px_and_samples(data, tmp_path, caplo
     assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
 
 
+def test_init_from_reads_bare_repa_style_state_dicts(tmp_path):
+    """A bare state dict with DDP prefixes, REPA's projectors and no probe classifier (REPA/SiT weights)."""
+    import copy
+
+    import train_eval
+
+    config = ModelConfig(model="custom", input_size=8, in_channels=3, num_classes=4, depth=2, hidden_size=32,
+                         num_heads=2, patch_size=2, encoder_depth=1)
+    torch.manual_seed(1)
+    source = SiT(config).state_dict()
+    state = {f"module.{k}": v for k, v in source.items() if not k.startswith("classifier.")}
+    state["module.projectors.0.0.weight"] = torch.randn(64, 32)
+    torch.save(state, tmp_path / "repa.pt")
+    torch.manual_seed(2)
+    model = SiT(config.replace(input_size=16))
+    ema, before = copy.deepcopy(model), copy.deepcopy(model.state_dict())
+    record = train_eval.init_from(str(tmp_path / "repa.pt"), "ema", model, ema)
+    assert record["which"] == "state dict" and record["steps"] is None
+    assert record["skipped"] == ["classifier.0.bias: not in the source (kept at init)",
+                                 "classifier.0.weight: not in the source (kept at init)",
+                                 "classifier.1.bias: not in the source (kept at init)",
+                                 "classifier.1.weight: not in the source (kept at init)",
+                                 "pos_embed: rebuilt for the new grid (1, 16, 32) -> (1, 64, 32)",
+                                 "projectors.0.0.weight: not in the new model (dropped)"]
+    for key, value in model.state_dict().items():
+        expected = before[key] if key.startswith(("classifier.", "pos_embed")) else source[key]
+        assert torch.equal(value, expected), key
+        assert torch.equal(ema.state_dict()[key], expected), key
+    assert record["copied"] == len(source) - 5
+
+
 def test_init_from_size_mismatch_and_resume_are_one_line(data, tmp_path, capsys):
     run(*argv(data[16], tmp_path, "src", "--max-train-steps", 1))
     source = os.path.join(tmp_path, "src", "checkpoints", "0000001.pt")
