@@ -51,12 +51,13 @@ from benchmarks.reference_paths import AUTHORS_TRAINING, ReferenceForward, atten
     loop_ema_update  # noqa: E402
 from loss import LSEPLoss  # noqa: E402
 from models import SiT_models  # noqa: E402
-from models.fused import apply_speed_levers, persistent_compile_cache  # noqa: E402
+from models.fused import apply_speed_levers, clip_grad_norm_into_fused_adamw_, \
+    persistent_compile_cache  # noqa: E402
 from models.flops import SiTFlopsConfig, mfu, peak_flops, repa_train_step_flops, train_step_flops  # noqa: E402
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 LEVERS = ("probe", "crop", "attention", "precision", "compile", "compile-mode", "optimizer", "ema",
-          "gelu-epilogue", "fused-norm", "fp8", "cudagraphs", "all", "all-fp8")
+          "gelu-epilogue", "fused-norm", "fp8", "cudagraphs", "clip-in-adamw", "all", "all-fp8")
 CUDA_ONLY_LEVERS = ("fused-norm", "fp8", "cudagraphs", "all", "all-fp8")  # Triton, FP8 tensor cores, graphs
 
 
@@ -70,7 +71,7 @@ class Variant:
     precision: str = "bf16"       # bf16 | fp16 | fp32
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode when compile is on
-    optimizer: str = "fused"      # fused | foreach | for-loop | default (torch picks)
+    optimizer: str = "fused"      # fused | fused-clip (clipping inside it) | foreach | for-loop | default
     ema: str = "foreach-lerp"     # foreach-lerp | foreach-mul-add | loop
     gelu_epilogue: bool = False   # models/fused.py levers, applied to a copy sharing the Parameters
     fused_norm: bool = False
@@ -130,12 +131,15 @@ def lever_variants(base, names):
                       else "reduce-overhead")
     if "cudagraphs" in names:  # the compiled forward and backward replayed as CUDA graphs
         out.append(("cudagraphs", replace(base, name=f"compile {cudagraphs['compile_mode']}", **cudagraphs)))
+    if "clip-in-adamw" in names:  # clip_grad_norm_'s scaling pass folded into the fused AdamW kernel
+        kind = "fused" if base.optimizer == "fused-clip" else "fused-clip"
+        out.append(("clip-in-adamw", replace(base, name=f"{kind} AdamW", optimizer=kind)))
     if "all" in names:  # every equal-numerics lever together
-        out.append(("all", replace(base, name="gelu+norm+cudagraphs", gelu_epilogue=True, fused_norm=True,
-                                   fp8=False, **cudagraphs)))
+        out.append(("all", replace(base, name="gelu+norm+clip+cudagraphs", gelu_epilogue=True, fused_norm=True,
+                                   fp8=False, optimizer="fused-clip", **cudagraphs)))
     if "all-fp8" in names:
-        out.append(("all-fp8", replace(base, name="fp8+norm+cudagraphs", gelu_epilogue=False, fused_norm=True,
-                                       fp8=True, **cudagraphs)))
+        out.append(("all-fp8", replace(base, name="fp8+norm+clip+cudagraphs", gelu_epilogue=False,
+                                       fused_norm=True, fp8=True, optimizer="fused-clip", **cudagraphs)))
     return out
 
 
@@ -168,7 +172,8 @@ def make_optimizer(model, kind, lr=1e-4, lr_class=1e-4):
     """AdamW as in the recipe (classifier in its own group, no weight decay), implementation ``kind``."""
     backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("classifier.")]
     groups = [dict(params=backbone, lr=lr), dict(params=list(model.classifier.parameters()), lr=lr_class)]
-    impl = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False), "default": {}}
+    impl = {"fused": dict(fused=True), "fused-clip": dict(fused=True), "foreach": dict(foreach=True),
+            "for-loop": dict(foreach=False), "default": {}}
     return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **impl[kind])
 
 
@@ -211,7 +216,9 @@ class StepRunner:
             denoising, probe_loss, _ = self.loss_fn(self.forward, x, dict(y=y))
             loss = denoising.mean() + probe_loss
         self.scaler.scale(loss).backward()
-        if self.clip_grad:
+        if self.clip_grad and v.optimizer == "fused-clip" and not self.scaler.is_enabled():
+            clip_grad_norm_into_fused_adamw_(self.optimizer, self.trainable, self.clip_grad)
+        elif self.clip_grad:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.trainable, self.clip_grad)
         self.scaler.step(self.optimizer)

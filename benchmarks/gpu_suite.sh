@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_suite.sh sample     # step profile, sampling vs the authors' settings, levers
 #   bash benchmarks/gpu_suite.sh loop       # train.py's own loop on random latents
 #   bash benchmarks/gpu_suite.sh levers     # models/fused.py tests on the GPU; GELU epilogue, fused norm alone
-#   bash benchmarks/gpu_suite.sh graphs     # CUDA graphs alone; all equal-numerics levers together
+#   bash benchmarks/gpu_suite.sh graphs     # CUDA graphs, clipping in AdamW alone; all equal-numerics levers
 #   bash benchmarks/gpu_suite.sh fp8        # FP8 alone and with fused norm + CUDA graphs; SiT-B/2 loss curves
 #   bash benchmarks/gpu_suite.sh numerics   # SiT-XL/2 loss curves, 300 steps: fp8 vs bf16, equal levers vs none
 #   bash benchmarks/gpu_suite.sh autotune   # max-autotune once into the persistent compile cache (slow) ...
@@ -73,12 +73,14 @@ if [ "$PART" = levers ]; then
 fi
 
 if [ "$PART" = graphs ]; then
-    # CUDA graphs (compile mode reduce-overhead) alone; then GELU epilogue + fused norm + CUDA graphs.
-    run 480 $XL --compile --levers cudagraphs,all --reps 3
+    # CUDA graphs (compile mode reduce-overhead) alone; clipping inside fused AdamW alone; then GELU epilogue +
+    # fused norm + clipping in AdamW + CUDA graphs.
+    run 480 $XL --compile --levers cudagraphs,clip-in-adamw,all --reps 3
 fi
 
 if [ "$PART" = fp8 ]; then
-    # torchao float8 (tensorwise dynamic scaling) for the block matmuls; then fp8 + fused norm + CUDA graphs.
+    # torchao float8 (tensorwise dynamic scaling) for the block matmuls; then with fused norm, clipping in
+    # AdamW and CUDA graphs.
     run 360 $XL --compile --levers fp8,all-fp8 --reps 3
     run 200 "$PY" benchmarks/lever_numerics.py --model SiT-B/2 --levers fp8 --steps 300 --compile \
         --out "$RESULTS/lever_numerics_fp8_b2.json"

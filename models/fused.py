@@ -23,6 +23,9 @@ default and is checked against the eager ops by ``tests/test_fused.py``.
   small to gain) or set the output and probe precision. Not equal numerics: a training-recipe
   choice, measured with ``benchmarks/lever_numerics.py``. Needs an sm89+ GPU and ``torchao``.
 
+``clip_grad_norm_into_fused_adamw_`` clips gradients inside the fused AdamW kernel (its GradScaler
+input), saving ``clip_grad_norm_``'s in-place pass over every gradient.
+
 ``persistent_compile_cache(path)`` points inductor's FX-graph, autograd and autotuning caches at
 ``path`` so ``torch.compile`` (max-autotune especially) pays once per machine, not per process.
 """
@@ -457,6 +460,26 @@ def convert_to_fp8(model):
     except ImportError:
         raise ImportError("fp8 training needs torchao: pip install torchao (tested with 0.18.0)") from None
     return convert_to_float8_training(model, module_filter_fn=fp8_layer_filter)
+
+
+#################################################################################
+#                      Gradient clipping inside fused AdamW                     #
+#################################################################################
+
+def clip_grad_norm_into_fused_adamw_(optimizer, params, max_norm):
+    """``clip_grad_norm_(params, max_norm)`` done by the next ``optimizer.step()``; returns the norm.
+
+    Computes the total norm only and hands ``max(norm / max_norm, 1)`` to the fused AdamW kernel
+    as its ``grad_scale`` (the GradScaler input it divides gradients by as it reads them), so the
+    gradients are not rewritten in a pass of their own. Equal to clipping then stepping up to
+    float32 rounding (g / (1 / c) instead of g * c). Call right before every ``step()``; not with
+    a GradScaler (fp16), which owns ``grad_scale``.
+    """
+    if not optimizer.defaults.get("fused"):
+        raise ValueError("clipping inside AdamW needs torch.optim.AdamW(..., fused=True)")
+    total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    optimizer.grad_scale = torch.clamp((total + 1e-6) / max_norm, min=1.0)  # clip_grad_norm_'s 1e-6
+    return total
 
 
 #################################################################################

@@ -17,8 +17,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from models import SiT  # noqa: E402
 from models.fused import (  # noqa: E402
-    FP8_LAYERS, GeluEpilogueLinear, apply_speed_levers, check_fp8_device, convert_to_fp8, gate_residual,
-    norm_modulate, residual_norm_modulate,
+    FP8_LAYERS, GeluEpilogueLinear, apply_speed_levers, check_fp8_device, clip_grad_norm_into_fused_adamw_,
+    convert_to_fp8, gate_residual, norm_modulate, residual_norm_modulate,
 )
 from models.sit import modulate  # noqa: E402
 
@@ -248,6 +248,32 @@ def test_fp8_converts_exactly_the_block_matmuls_keeping_keys():
     rel = ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
     assert 0 < rel < 0.1, rel
     assert grads.keys() == ref_grads.keys()
+
+
+#################################################################################
+#                        Clipping inside fused AdamW                            #
+#################################################################################
+
+@pytest.mark.parametrize("grad_size", [0.01, 30.0])  # below and above max_norm
+def test_clipping_inside_fused_adamw_equals_clip_then_step(grad_size):
+    torch.manual_seed(0)
+    params = [torch.randn(40, 24, requires_grad=True), torch.randn(24, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    opt, twin_opt = (torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True) for ps in (params, twins))
+    for _ in range(3):
+        grads = [torch.randn_like(p) * grad_size for p in params]
+        for p, q, g in zip(params, twins, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        twin_norm = clip_grad_norm_into_fused_adamw_(twin_opt, twins, 1.0)
+        twin_opt.step()
+        torch.testing.assert_close(twin_norm, norm, rtol=0, atol=0)
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    assert float(norm) > 1.0 if grad_size > 1 else float(norm) < 1.0
+    with pytest.raises(ValueError, match="fused=True"):
+        clip_grad_norm_into_fused_adamw_(torch.optim.AdamW(params, foreach=True), params, 1.0)
 
 
 #################################################################################

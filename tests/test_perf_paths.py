@@ -189,7 +189,8 @@ def test_bench_train_smoke(tmp_path):
     try:  # one thread: two OpenMP threads on a busy 2-core machine are many times slower
         records = bench_train.main([
             "--device", "cpu", "--model", "SiT-S/4", "--resolution", "64", "--crop-start", "1",
-            "--batch-size", "2", "--warmup", "1", "--reps", "2", "--compare", "--levers", "ema,gelu-epilogue",
+            "--batch-size", "2", "--warmup", "1", "--reps", "2", "--compare",
+            "--levers", "ema,gelu-epilogue,clip-in-adamw",
             "--threads", "1", "--results-dir", str(tmp_path),
         ])
     finally:
@@ -202,7 +203,7 @@ def test_bench_train_smoke(tmp_path):
     assert ours["step_ms"] > 0 and reference["step_ms"] > 0 and record["ours_speedup_vs_reference"] > 0
     assert record["flops_per_step"] == train_step_flops(SiTFlopsConfig.from_name("SiT-S/4", 64), 2)
     assert [item["variant"]["name"] for item in record["levers"]] == ["foreach-mul-add EMA", "loop EMA",
-                                                                       "gelu epilogue on"]
+                                                                       "gelu epilogue on", "fused-clip AdamW"]
     assert reference["variant"]["attention"] == "sdpa" and reference["variant"]["precision"] == "fp32"
     assert record["torch"] == torch.__version__ and record["command"].startswith("benchmarks/bench_train.py")
 
@@ -273,13 +274,15 @@ def test_speed_lever_variants_and_runner_keep_the_base_model():
     from models.fused import GeluEpilogueLinear
 
     base = Variant("ours", compile=True, fp8=True)
-    flipped = dict(lever_variants(base, ("gelu-epilogue", "fp8", "cudagraphs", "all", "all-fp8")))
+    names = ("gelu-epilogue", "fp8", "cudagraphs", "clip-in-adamw", "all", "all-fp8")
+    flipped = dict(lever_variants(base, names))
     assert flipped["gelu-epilogue"].gelu_epilogue and not flipped["gelu-epilogue"].fp8  # both claim fc1
     assert not flipped["fp8"].fp8
     assert (flipped["cudagraphs"].compile, flipped["cudagraphs"].compile_mode) == (True, "reduce-overhead")
     assert flipped["all"].model_levers == dict(gelu_epilogue=True, fused_norm_modulate=True, fp8=False)
     assert flipped["all-fp8"].model_levers == dict(gelu_epilogue=False, fused_norm_modulate=True, fp8=True)
     assert flipped["all"].compile_mode == flipped["all-fp8"].compile_mode == "reduce-overhead"
+    assert flipped["clip-in-adamw"].optimizer == flipped["all"].optimizer == "fused-clip"
 
     model = tiny().train()
     loss_fn = LSEPLoss(weights_type="steps", weight_start=0.0225, weight_end=0.03, n_weights=10)
