@@ -78,6 +78,12 @@ if [ "$PART" = graphs ]; then
     run 480 $XL --compile --levers cudagraphs,clip-in-adamw,all --reps 3
 fi
 
+if [ "$PART" = fp8 ] || [ "$PART" = numerics ]; then
+    # torchao is not in requirements.txt (imported only by --fp8): install it from a carried wheel
+    # (pip download torchao==0.18.0 --no-deps -d .whl) where the machine has no registry access.
+    "$PY" -c "import torchao" 2>/dev/null || "$PY" -m pip install -q --no-deps .whl/torchao-*.whl 2>&1 | tee -a "$LOG"
+fi
+
 if [ "$PART" = fp8 ]; then
     # torchao float8 (tensorwise dynamic scaling) for the block matmuls; then with fused norm, clipping in
     # AdamW and CUDA graphs.
