@@ -18,7 +18,7 @@ default and is checked against the eager ops by ``tests/test_fused.py``.
   kernels ``..._add_mul_native_layer_norm...``), so this lever is for eager runs; compiled, the
   custom ops only hide them from inductor.
 * ``fp8``: torchao float8 training (dynamic tensorwise scaling) for the four matmuls inside each
-  block (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``): 95% of the model FLOPs. The
+  block (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``): 96% of SiT-XL/2's FLOPs. The
   adaLN, embedder, final and classifier linears stay in bf16: they see one row per sample (too
   small to gain) or set the output and probe precision. Not equal numerics: a training-recipe
   choice, measured with ``benchmarks/lever_numerics.py``. Needs an sm89+ GPU and ``torchao``.
@@ -44,7 +44,11 @@ FP8_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
 def apply_speed_levers(model, gelu_epilogue=False, fused_norm_modulate=False, fp8=False):
-    """Turn the chosen levers on in ``model`` (a ``models.SiT``) in place; returns ``model``."""
+    """Turn the chosen levers on in ``model`` (a ``models.SiT``) in place; returns ``model``.
+
+    Call after moving the model to its device and before ``torch.compile`` or a DDP wrapper. The
+    EMA copy needs none (same keys); a checkpoint of either loads into the other.
+    """
     if gelu_epilogue and fp8:
         raise ValueError("gelu_epilogue and fp8 both replace mlp.fc1 (--gelu-epilogue, --fp8); choose one")
     device = next(model.parameters()).device
