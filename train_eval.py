@@ -183,20 +183,18 @@ def check_eval_inputs(args, config, accelerator):
                     error = f"--eval-ref {args.eval_ref} holds {len(ref)} images; at least {MIN_IMAGES} are needed"
         except EvaluatorError as exc:
             error = f"--eval-ref {exc}"
-    if error is None:
-        for turn in ("main", "others"):
-            if (turn == "main") == accelerator.is_main_process:
-                given = args.eval_inception_weights
-                fix = f"download {inc.WEIGHTS_FILE} from {inc.WEIGHTS_URL} and pass --eval-inception-weights PATH"
-                if given and not os.path.isfile(given):
-                    error = f"--eval-inception-weights {given}: no such file; {fix}"
-                    continue
-                try:
-                    weights = inc.resolve_weights(given, download=turn == "main")
-                except EvaluatorError as exc:
-                    error = f"--eval-every: {str(exc).splitlines()[0]} {fix}"
-            if accelerator.num_processes > 1:
-                accelerator.wait_for_everyone()
+    given = args.eval_inception_weights
+    fix = f"download {inc.WEIGHTS_FILE} from {inc.WEIGHTS_URL} and pass --eval-inception-weights PATH"
+    if error is None and given and not os.path.isfile(given):
+        error = f"--eval-inception-weights {given}: no such file; {fix}"
+    for turn in ("main", "others"):  # the main process may download them; the others then find them
+        if error is None and (turn == "main") == accelerator.is_main_process:
+            try:
+                weights = inc.resolve_weights(given, download=turn == "main")
+            except EvaluatorError as exc:
+                error = f"--eval-every: {str(exc).splitlines()[0]} {fix}"
+        if accelerator.num_processes > 1:
+            accelerator.wait_for_everyone()
     failed = torch.tensor([float(error is not None)], device=accelerator.device)
     if accelerator.num_processes > 1:
         failed = accelerator.reduce(failed, reduction="sum")

@@ -255,7 +255,7 @@ def test_eval_every_logs_evaluator_metrics_of_generate_samples(data, tmp_path, e
         assert records[1][f"eval_{key}"] == pytest.approx(cli[key], rel=1e-9, abs=1e-12), key
 
 
-@pytest.mark.parametrize("case", ["no ref", "missing ref", "missing weights"])
+@pytest.mark.parametrize("case", ["no ref", "missing ref", "missing weights", "guidance without null label"])
 def test_eval_inputs_fail_at_start_up_in_one_line(data, tmp_path, eval_files, case):
     missing = str(tmp_path / "none")
     flags, message = {
@@ -263,6 +263,8 @@ def test_eval_inputs_fail_at_start_up_in_one_line(data, tmp_path, eval_files, ca
         "missing ref": (("--eval-ref", missing), f"--eval-ref {missing}: no such file"),
         "missing weights": (("--eval-ref", eval_files["ref"], "--eval-inception-weights", missing),
                             f"--eval-inception-weights {missing}: no such file; download weights-inception-2015-12-05"),
+        "guidance without null label": (("--eval-ref", eval_files["ref"], "--eval-cfg-scale", 2, "--cfg-prob", 0,
+                                         "--uncond-prob", 0), "--eval-cfg-scale 2.0 needs the null-label row"),
     }[case]
     with pytest.raises(TrainingError) as err:
         run(*argv(data[16], tmp_path, "bad", "--eval-every", 100, "--max-train-steps", 1, *flags))
