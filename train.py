@@ -42,8 +42,8 @@ from train_utils import (NonFiniteGuard, StepBatchSampler, StepStats, TrainingDi
 # reliability (issue 13): one-line faults, no half-written files
 from fileio import OutputError, atomic_write, check_writable, remove_stale_temps
 from preprocessing.storage import DatasetError
-from train_utils import (data_error, open_resume_checkpoint, refuse_overwrite, remove_checkpoints, save_checkpoint,
-                         trim_stats)
+from train_utils import (TrainingDataError, data_error, open_resume_checkpoint, refuse_overwrite, remove_checkpoints,
+                         save_checkpoint, trim_stats)
 
 PREVIEW_SAMPLES = 64      # images in each preview grid (the authors' 64)
 PREVIEW_STEPS = 50        # Euler steps of the preview sampler
@@ -709,7 +709,7 @@ def cli(argv=None):
         main(args)
     except (TrainingError, TrainingDiverged, OutputError, DatasetError, CheckpointError) as exc:
         # exit 1: something the user must fix (flags, data, checkpoints, output folder, full disk); 2: diverged
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" or isinstance(exc, TrainingDataError):  # the rank that read the file
             print(f"error: {exc}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, TrainingDiverged) else 1)
 

@@ -10,6 +10,7 @@ continues exactly like an unbroken one, and 2 processes x 1 accumulation step se
 samples and noise as 1 process x 2 accumulation steps.
 """
 import argparse
+import errno
 import json
 import math
 import os
@@ -31,6 +32,10 @@ CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
 
 class TrainingError(RuntimeError):
     """A user-fixable problem found at start-up (data, flags, checkpoints); printed as one message."""
+
+
+class TrainingDataError(TrainingError):
+    """A data file found damaged mid-run; printed by the process that read it (perhaps not rank 0)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -370,8 +375,8 @@ def data_error(exc, step, last_checkpoint):
     from dataset import dataset_error_line
 
     where = f"{last_checkpoint} is the latest checkpoint" if last_checkpoint else "no checkpoint was written yet"
-    return TrainingError(f"stopped at step {step + 1}, nothing saved for it ({where}; --resume-step -1 continues "
-                         f"once the data is fixed): {dataset_error_line(exc)}")
+    return TrainingDataError(f"stopped at step {step + 1}, nothing saved for it ({where}; --resume-step -1 continues "
+                             f"once the data is fixed): {dataset_error_line(exc)}")
 
 
 #################################################################################
@@ -523,8 +528,14 @@ def trim_stats(path, step, log=print):
 def append_stats(path, record):
     """Append one JSON line (EDM2's stats.jsonl); non-finite floats are written as null."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    with open(path, "a") as f:
-        f.write(json.dumps(clean) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+    except OSError as exc:  # a line cut short is dropped by trim_stats when the run resumes
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"{exc.strerror.lower()} while appending to {path}; free some space, then resume with "
+                           "--resume-step -1") from None
+        raise
 
 
 #################################################################################

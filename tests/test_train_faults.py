@@ -11,6 +11,7 @@ a regular file (NotADirectoryError) or by fileio's open() raising PermissionErro
 """
 import errno
 import io
+import json
 import os
 import shutil
 import signal
@@ -139,7 +140,7 @@ def start_killable_run(data, out, name, *extra, steps=4):
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_for(predicate, proc, timeout):
+def wait_for(predicate, proc, timeout, poll=0.05):
     """Poll until predicate() holds; False if the child exited first or time ran out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -147,7 +148,7 @@ def wait_for(predicate, proc, timeout):
             return True
         if proc.poll() is not None:
             return predicate()
-        time.sleep(0.05)
+        time.sleep(poll)
     return False
 
 
@@ -269,16 +270,20 @@ def test_authors_checkpoint_of_another_size_is_one_line(latent_dir, tmp_path, ca
 #                                Bad data mid-run                               #
 #################################################################################
 
+def second_step_item(dataset_size, batch):
+    """An item that the 2nd step reads and the 1st does not (seed 0, one process)."""
+    order = train_utils.StepBatchSampler(dataset_size, batch, 1, [0], seed=0)
+    return next(i for i in order.step_indices(1)[0] if i not in order.step_indices(0)[0])
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_garbage_image_found_mid_run(tmp_path, capsys, workers):
     data = str(tmp_path / "data")
     write_synthetic_dataset(data, N_PIXEL, resolution=8, latent_shape=(8, 1, 1), num_classes=3)
     shutil.rmtree(os.path.join(data, "vae-sd"))
-    # an item of the 2nd step (batch 4 of 8 items) but not the 1st, replaced by garbage of the same byte size:
-    # the start-up check reads only the headers of PNGs whose size differs, so it is found when read
-    order = train_utils.StepBatchSampler(N_PIXEL, 4, 1, [0], seed=0)
-    index = next(i for i in order.step_indices(1)[0] if i not in order.step_indices(0)[0])
-    bad = os.path.join(data, "images", image_name(index))
+    # replaced by garbage of the same byte size: the start-up check reads only the headers of PNGs
+    # whose size differs from the first's, so it is found when read, at step 2
+    bad = os.path.join(data, "images", image_name(second_step_item(N_PIXEL, 4)))
     size = os.path.getsize(bad)
     with open(bad, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + bytes(size - 8))
@@ -293,6 +298,20 @@ def test_garbage_image_found_mid_run(tmp_path, capsys, workers):
     assert sorted(os.listdir(folder_of(tmp_path, "pix"))) == ["0000001.pt"]  # nothing for step 2, no temporary
     assert load_checkpoint_file(first)["steps"] == 1
     assert [r["step"] for r in stats(tmp_path, "pix")] == [1]
+
+
+def test_latent_of_another_shape_found_mid_run(tmp_path, capsys):
+    data = make_latent_data(str(tmp_path / "data"))
+    labels = json.load(open(os.path.join(data, "vae-sd", "dataset.json")))["labels"]
+    bad = os.path.join(data, "vae-sd", labels[second_step_item(len(labels), 8)][0])
+    np.save(bad, np.zeros((4, 16, 8), np.float32))  # the same byte count as the (8, 8, 8) latents
+    code, err = cli(argv(data, tmp_path, "lat", "--checkpointing-steps", 1, steps=3), capsys)
+    assert code == 1 and one_line(err)
+    assert err.startswith(f"error: stopped at step 2, nothing saved for it ({folder_of(tmp_path, 'lat')}/0000001.pt "
+                          f"is the latest checkpoint; --resume-step -1 continues once the data is fixed): {bad} "
+                          "changed since start-up: it holds float32 (4, 16, 8) (")
+    assert "the latents are float32 (8, 8, 8)" in err and "delete it and re-run encode" in err
+    assert sorted(os.listdir(folder_of(tmp_path, "lat"))) == ["0000001.pt"]
 
 
 #################################################################################
@@ -451,7 +470,7 @@ def test_fresh_run_over_checkpoints_is_refused(latent_dir, unbroken, tmp_path, c
     assert [r["step"] for r in stats(tmp_path, "full")] == [1, 2]
 
 
-def test_trim_stats_keeps_one_record_per_step(tmp_path):
+def test_trim_stats_keeps_one_record_per_step(tmp_path, monkeypatch):
     path = str(tmp_path / "stats.jsonl")
     lines = ['{"step": 1, "loss": 1.0}', '{"step": 2, "loss": 0.9}', '{"step": 2, "fid": 50.0}',
              '{"step": 3, "loss": 0.8}', '{"step": 4, "lo']  # a line cut short by a kill
@@ -463,6 +482,17 @@ def test_trim_stats_keeps_one_record_per_step(tmp_path):
     assert logged == [f"{path}: dropped 2 records after step 2 (this run writes them again)"]
     assert train_utils.trim_stats(path, 2) == 0 and os.listdir(tmp_path) == ["stats.jsonl"]
     assert train_utils.trim_stats(str(tmp_path / "missing.jsonl"), 0) == 0
+    # a full disk while appending: one line (the half-written line is dropped by the next trim)
+    monkeypatch.setattr(train_utils, "open", lambda *a, **k: FullDiskFile(os.open(path, os.O_WRONLY | os.O_APPEND),
+                                                                           "wb"), raising=False)
+    FullDiskFile.room = 0
+    try:
+        with pytest.raises(fileio.DiskFull) as info:
+            train_utils.append_stats(path, {"step": 3, "loss": float("nan")})
+    finally:
+        FullDiskFile.room = 64 * 1024
+    assert str(info.value) == (f"no space left on device while appending to {path}; free some space, then resume "
+                               "with --resume-step -1")
 
 
 def test_guard_names_the_last_checkpoint_saved_in_the_normal_loss_range():
@@ -502,54 +532,60 @@ def test_guard_names_the_last_checkpoint_saved_in_the_normal_loss_range():
 #################################################################################
 
 def kill_loop(kills, out):
-    """Kill `python train.py` `kills` times (alternately inside a checkpoint save and at a random
-    moment of the run), resume each time with --resume-step -1, and compare the finished run with
-    an unbroken one. Prints the counts."""
+    """Kill `python train.py` (8 steps, checkpoints every 2) `kills` times, in turn inside a
+    checkpoint save, in the middle of a step, and during start-up; resume each with --resume-step
+    -1 and compare the finished run with an unbroken one bitwise. Prints and returns the counts."""
     import random
 
+    torch.set_num_threads(1)  # as the children (OMP_NUM_THREADS=1): bitwise comparable
     data = make_latent_data(os.path.join(out, "data"))
     steps = 8
     train.main(train.parse_args(list(map(str, argv(data, out, "full", steps=steps)))))
     reset_accelerate()
     reference = ckpt(out, "full", steps)
     rng = random.Random(0)
-    counts = dict(kills=0, in_save=0, mid_run=0, clean_resumes=0, equal_to_unbroken=0, temp_files_left=0,
-                  temporaries_seen_after_kill=0)
+    counts = dict(kills=0, in_save=0, mid_step=0, start_up=0, clean_resumes=0, equal_to_unbroken=0,
+                  temporaries_after_kill=0, temp_files_left=0)
     for trial in range(kills):
-        name = f"k{trial}"
-        folder = folder_of(out, name)
-        in_save = trial % 2 == 0
-        save_step = rng.choice([2, 4, 6, 8])
-        proc = start_killable_run(data, out, name, *(["--debug-slow-save-step", save_step] if in_save else []),
-                                  steps=steps)
+        name, kind = f"k{trial}", ("in_save", "mid_step", "start_up")[trial % 3]
+        folder, stats_path = folder_of(out, name), os.path.join(out, name, "stats.jsonl")
+        save_step, after = rng.choice([2, 4, 6, 8]), rng.randint(1, steps - 1)
+        logged = lambda: sum(1 for _ in open(stats_path)) if os.path.exists(stats_path) else 0  # noqa: E731
+        proc = start_killable_run(data, out, name, *(["--debug-slow-save-step", save_step]
+                                                     if kind == "in_save" else []), steps=steps)
         try:
-            if in_save:
-                hit = wait_for(lambda: any(n.endswith(f"-{save_step:07d}.pt") for n in temporaries(folder)), proc, 300)
-            else:  # a random moment: start-up, a step, or a save
-                time.sleep(rng.uniform(3.0, 12.0))
-                hit = proc.poll() is None
+            if kind == "in_save":
+                wait_for(lambda: any(n.endswith(f"-{save_step:07d}.pt") for n in temporaries(folder)), proc, 300)
+            elif kind == "mid_step":  # step `after` logged, then a random moment of the next step
+                wait_for(lambda: logged() >= after, proc, 300, poll=0.005)
+                time.sleep(rng.uniform(0.0, 0.05))
+            else:
+                time.sleep(rng.uniform(0.5, 4.0))
+            alive = proc.poll() is None
         finally:
             kill(proc)
-        counts["kills"] += hit
-        counts["in_save" if in_save else "mid_run"] += hit
-        counts["temporaries_seen_after_kill"] += len(temporaries(folder))
-        try:
-            # resumed (or started fresh when killed before its first checkpoint)
+        at_kill = f"{logged()} steps logged, checkpoints {[s for s, _ in train_utils.list_checkpoints(folder)]}"
+        left = temporaries(folder) + temporaries(os.path.join(out, name))
+        counts["kills"] += alive
+        counts[kind] += alive
+        counts["temporaries_after_kill"] += len(left)
+        try:  # resumed, or started afresh when killed before its first checkpoint
             train.main(train.parse_args(list(map(str, argv(data, out, name, "--resume-step", -1, steps=steps)))))
             counts["clean_resumes"] += 1
-        except Exception as exc:  # noqa: BLE001 - counted, shown
+        except Exception as exc:  # noqa: BLE001 - counted and shown
             print(f"trial {trial}: resume failed: {type(exc).__name__}: {exc}")
         finally:
             reset_accelerate()
-        counts["temp_files_left"] += len(temporaries(folder)) + len(temporaries(os.path.join(out, name)))
+        counts["temp_files_left"] += len(temporaries(folder) + temporaries(os.path.join(out, name)))
         try:
-            final = ckpt(out, name, steps)
-            assert_same_run(final, reference)
+            assert_same_run(ckpt(out, name, steps), reference)
+            assert [r["step"] for r in stats(out, name)] == list(range(1, steps + 1))
             counts["equal_to_unbroken"] += 1
-        except (AssertionError, Exception) as exc:  # noqa: BLE001
-            print(f"trial {trial}: differs from the unbroken run: {exc}")
-        print(f"trial {trial}: {'in save of step ' + str(save_step) if in_save else 'random moment'}, "
-              f"killed={hit}, counts so far {counts}", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"trial {trial}: differs from the unbroken run: {type(exc).__name__}: {exc}")
+        print(f"trial {trial}: {kind}{f' of step {save_step}' if kind == 'in_save' else ''}, alive at kill "
+              f"{alive}, {at_kill}, temporaries {left}", flush=True)
+    print(counts)
     return counts
 
 
@@ -560,4 +596,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=kill_loop.__doc__)
     parser.add_argument("--kills", type=int, default=10)
     options = parser.parse_args()
-    print(kill_loop(options.kills, tempfile.mkdtemp(prefix="kill-loop-")))
+    kill_loop(options.kills, tempfile.mkdtemp(prefix="kill-loop-"))
