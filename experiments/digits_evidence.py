@@ -57,17 +57,19 @@ HELD_OUT_FRACTION = 0.3   # ~539 held-out digits, ~1258 for training
 PROBE_TIMESTEPS = (0.0, 0.5)
 
 # What is compared. flags: extra train.py flags; probe: whether a step runs the LSEP probe branch.
-# REPA and REPA + LSEP are not in train.py yet. When they are, add them here, e.g.
-#   "repa": dict(label="REPA", flags=["--repa-encoder", <digits encoder>, ...], probe=False),
+# REPA and REPA + LSEP: the pieces exist (models/repa.py, models/encoders.py,
+# models/flops.repa_train_step_flops) but train.py cannot train with them yet, so they are not
+# here. Once it can, add e.g.
+#   "repa": dict(label="REPA", flags=["--enc-type", ..., "--enc-path", DIGITS_ENCODER], probe=False),
 #   "repa_lsep": dict(label="REPA + LSEP", flags=[...], probe=True),
-# with the "external" encoder a small network trained on the digits' training split (DigitCNN
-# below is such a network; say so in the table), and their extra FLOPs per step added in
-# step_flops (REPA's encoder forward and projector).
+# where the "external" encoder is a small network trained on the digits' training split only
+# (not a pretrained DINOv2: say so in the table), and add REPA's encoder forward and projector
+# FLOPs (repa_train_step_flops) to step_flops.
 METHODS = {
     "baseline": dict(label="SiT baseline (--no-probe)", flags=["--no-probe"], probe=False),
     "lsep": dict(label="LSEP", flags=[], probe=True),
 }
-REFERENCE_METHOD, CANDIDATE_METHOD = "baseline", "lsep"
+CANDIDATE_METHOD = "lsep"  # its training FLOPs are the budget every other method is matched to
 
 SETTINGS = {  # full run (default) and --quick (CI)
     "full": dict(seeds=(0, 1, 2), steps=800, eval_every=160, samples=250, sample_steps=10, probe_train=800,
@@ -247,12 +249,13 @@ def train_run(out, data_dir, method, seed, steps, eval_every):
                     "--checkpointing-epochs", "0", "--sampling-steps", "0", "--mixed-precision", "no",
                     "--report-to", "none", "--num-workers", "0", "--seed", str(seed), "--log-every", str(eval_every),
                     "--resume-step", "-1"], os.path.join(out, "logs", f"train_{name}.log"))
-    wall = {}
+    ms_per_step = {}  # of the log interval ending at each step (train.py's samples/s; survives resumes)
     with open(os.path.join(exp_root, name, "stats.jsonl")) as f:
         for line in f:
             record = json.loads(line)
-            wall[record["step"]] = record["time"]
-    return os.path.join(exp_root, name, "checkpoints"), wall
+            if record.get("samples_per_sec"):
+                ms_per_step[record["step"]] = 1e3 * batch_size() / record["samples_per_sec"]
+    return os.path.join(exp_root, name, "checkpoints"), ms_per_step
 
 
 def generate_samples(out, ckpt, method, seed, step, cfg):
@@ -294,13 +297,13 @@ def probe_top1(ckpt, probe_data):
 def evaluate_run(out, data_dir, method, seed, cfg, judge):
     """Train one (method, seed) run, then measure each of its checkpoints; returns the records."""
     steps = method_steps(method, cfg)
-    ckpt_dir, wall = train_run(out, data_dir, method, seed, steps, cfg["eval_every"])
+    ckpt_dir, ms_per_step = train_run(out, data_dir, method, seed, steps, cfg["eval_every"])
     records = []
     for step in range(cfg["eval_every"], steps + 1, cfg["eval_every"]):
         path = os.path.join(out, "metrics", f"{method}-seed{seed}-{step:07d}.json")
         if os.path.isfile(path):
             with open(path) as f:
-                records.append(json.load(f))
+                records.append(dict(json.load(f), ms_per_step=ms_per_step.get(step)))
             continue
         ckpt = os.path.join(ckpt_dir, f"{step:07d}.pt")
         samples, labels = generate_samples(out, ckpt, method, seed, step, cfg)
@@ -308,7 +311,7 @@ def evaluate_run(out, data_dir, method, seed, cfg, judge):
         if model_cfg != flops_config():
             raise RuntimeError(f"{ckpt} is {model_cfg}, not the {flops_config()} the FLOPs were counted for")
         record = dict(method=method, seed=seed, step=step, flops=step * step_flops(method),
-                      wall_s=wall.get(step), probe_top1=top1,
+                      probe_top1=top1,
                       **sample_metrics(judge["cnn"], judge["ref_stats"], judge["ref_features"], samples, labels))
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -317,7 +320,7 @@ def evaluate_run(out, data_dir, method, seed, cfg, judge):
         print(f"  {method} seed {seed} step {step}: FD {record['frechet_distance']:.2f}  P {record['precision']:.3f}"
               f"  R {record['recall']:.3f}  class {record['class_consistency']:.3f}  probe t=0.5 "
               + "/".join(f"{a:.2f}" for a in top1[-1]), flush=True)
-        records.append(record)
+        records.append(dict(record, ms_per_step=ms_per_step.get(step)))
     return records
 
 
@@ -443,10 +446,10 @@ def markdown(result, sha):
                          + " | ".join(fmt(row[c], c) for c in curve_names) + " |")
     wall = result["wall_clock"]
     lines += ["", "Measured training wall-clock (`train.py`'s own timer, "
-              f"{cfg['jobs']} runs at a time on this machine): "
+              f"{cfg['jobs']} runs at a time, one thread each, on a machine shared with other jobs): "
               + ", ".join(f"{METHODS[m]['label']} {wall[m]['ms_per_step']:.0f} ms/step" for m in methods
                           if wall[m]["ms_per_step"] is not None)
-              + f"; FLOPs per step (models/flops.py): "
+              + "; FLOPs per step (models/flops.py, the compute axis above): "
               + ", ".join(f"{METHODS[m]['label']} {step_flops(m) / 1e9:.2f} G" for m in methods) + ".",
               "", f"<sub>from digits_evidence.json, sha256 {sha}</sub>", ""]
     return "\n".join(lines)
@@ -575,9 +578,8 @@ def main(argv=None):
 
     wall_clock = {}
     for m in METHODS:
-        per_step = [r["wall_s"] / r["step"] for r in records if r["method"] == m and r["wall_s"]
-                    and r["step"] == method_steps(m, cfg)]
-        wall_clock[m] = dict(ms_per_step=1e3 * float(np.mean(per_step)) if per_step else None,
+        per_step = [r["ms_per_step"] for r in records if r["method"] == m and r["ms_per_step"]]
+        wall_clock[m] = dict(ms_per_step=float(np.mean(per_step)) if per_step else None,
                              flops_per_step=step_flops(m))
     result = dict(
         settings={**cfg, "seeds": list(cfg["seeds"]), "method_steps": {m: method_steps(m, cfg) for m in METHODS},

@@ -77,7 +77,7 @@ def synthetic_records(seeds=(0, 1, 2), eval_every=200, lsep_steps=1000):
             for step in range(eval_every, steps + 1, eval_every):
                 flops = step * de.step_flops(method)
                 value = flops / 1e13 + seed
-                records.append(dict(method=method, seed=seed, step=step, flops=flops, wall_s=0.1 * step,
+                records.append(dict(method=method, seed=seed, step=step, flops=flops, ms_per_step=100.0,
                                     frechet_distance=10 * value, precision=value / 10, recall=value / 20,
                                     class_consistency=value / 30,
                                     probe_top1=[[value / 40 + b / 100 for b in range(4)] for _ in de.PROBE_TIMESTEPS]))
