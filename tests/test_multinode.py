@@ -31,8 +31,8 @@ def free_port():
 def launch(commands, timeout=TIMEOUT_S, env=None):
     """Start every command in its own process group, wait for all (bounded), kill the groups of
     those still running at the deadline; returns [(returncode, output)]."""
-    procs = [subprocess.Popen(c, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for c in commands]
+    procs = [subprocess.Popen(c, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for c in commands]
     deadline, results = time.monotonic() + timeout, []
     try:
         for proc in procs:
@@ -73,8 +73,11 @@ def two_nodes_c10d(script, args):
 
 
 def two_machines_accelerate(script, args):
+    """accelerate's --multi_gpu launcher (torchrun underneath; gloo on CPU). Its --cpu launcher starts
+    one plain process per machine unless mpirun provides the ranks: two independent runs."""
     port = str(free_port())
-    return [[sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+    return [[sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+             "--num_processes", "2",
              "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
              "--mixed_precision", "no", "--dynamo_backend", "no", script, *args] for rank in (0, 1)]
 
