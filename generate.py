@@ -24,6 +24,7 @@ non-fused attention by default, 4 latent channels and null class 1000 hard-coded
 """
 import argparse
 import datetime
+import io
 import json
 import os
 import sys
@@ -298,7 +299,10 @@ def png_path(folder, index):
 def save_png_atomic(image, path):
     """Write a PNG under a temporary name in the same folder (fileio.temp_path: it names its host
     and process), then rename it into place; a full disk is fileio.DiskFull (one line)."""
-    atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"), fsync=False)  # 50k fsyncs: slow
+    buffer = io.BytesIO()  # encoded first, so a full disk reports the PNG's size as the space needed
+    Image.fromarray(image).save(buffer, format="PNG")
+    # no fsync: 50k of them slow sampling down, and a killed process still leaves old-or-new
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()), expected_bytes=buffer.tell(), fsync=False)
 
 
 def missing_indices(folder, num_samples):

@@ -13,6 +13,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -415,6 +416,8 @@ def test_generate_unwritable_sample_dir_and_full_disk(tmp_path, monkeypatch):
     folder = os.path.join(tmp_path, "s", os.listdir(tmp_path / "s")[0])
     assert one_line(str(info.value)) and str(info.value).startswith(
         f"no space left on device while writing {folder}/00000")
+    assert re.search(r"free there, \d+ B needed; free some space or write elsewhere \(nothing written\)$",
+                     str(info.value))  # the encoded PNG's size
     assert sorted(os.listdir(folder)) == ["provenance.json"]  # no PNG, no temporary
     full_disk_for(monkeypatch, ".npz", 400)  # PNGs fit, the npz (4 x 192 pixel bytes) does not
     with pytest.raises(fileio.DiskFull, match=r"while writing .*\.npz: .* free there, 768 B needed; free some "
