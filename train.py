@@ -29,7 +29,7 @@ from models.checkpoint import CheckpointError
 from models.config import DEFAULT_ALIGN_DEPTH, DEFAULT_PROJECTOR_DIM, DEFAULTS, MODEL_NAMES, PATH_TYPES
 from models.encoders import EncoderWeightsError, EncoderWeightsMissing, parse_arch_overrides, parse_enc_type, \
     training_encoders
-from models.vae import (LATENT_DOWNSAMPLE, VAEWeightsMissing, decode_to_uint8, downsample_factor, latent_channels,
+from models.vae import (VAEWeightsMissing, decode_to_uint8, downsample_factor, latent_channels,
                         load_vae, pixels_to_uint8, sample_posterior, uint8_to_pixels, vae_identity)
 from samplers import euler_sampler, unwrap_model
 from seeding import derive_seed
@@ -113,7 +113,7 @@ def data_geometry(args, dataset, vae):
     channels2, height, width = dataset.latent_shape
     if height != width:
         raise TrainingError(f"--data-dir latents are {width}x{height}; SiT needs square inputs")
-    factor = downsample_factor(vae) if vae is not None else LATENT_DOWNSAMPLE
+    factor = downsample_factor(vae) if vae is not None else dataset.resolution // height  # the encode record's
     if args.resolution is not None and height * factor != args.resolution:
         raise TrainingError(f"--resolution {args.resolution} does not match the data: {height}x{height} latents are "
                             f"{height * factor} px with the VAE's factor {factor}; pass --resolution "
