@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from loss import LSEPLoss
 from models import SiT
 from models.checkpoint import CheckpointError
+from models.fused import apply_speed_levers, persistent_compile_cache
 from models.config import DEFAULT_ALIGN_DEPTH, DEFAULT_PROJECTOR_DIM, DEFAULTS, MODEL_NAMES, PATH_TYPES
 from models.encoders import EncoderWeightsError, EncoderWeightsMissing, parse_arch_overrides, parse_enc_type, \
     training_encoders
@@ -242,6 +243,11 @@ def build_model_and_optimizer(args, config, device):
     model = SiT(config, fused_attn=args.fused_attn).to(device)
     model.grad_checkpoint = args.grad_checkpoint
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    try:  # opt-in kernels (models/fused.py); same Parameters and keys, so the EMA and checkpoints are unchanged
+        apply_speed_levers(model, gelu_epilogue=args.gelu_epilogue, fused_norm_modulate=args.fused_norm_modulate,
+                           fp8=args.fp8)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
     classifier = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
     backbone = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
     optimizer = torch.optim.AdamW(
@@ -359,7 +365,10 @@ def main(args):
                        weight_start=args.weight_start, weight_end=args.weight_end, n_weights=args.n_weights)
     model, optimizer = accelerator.prepare(model, optimizer)  # never the dataloader: we shard it ourselves
     if args.compile:  # the training forward + loss trace as one graph (tests/test_perf_paths.py)
-        model = torch.compile(model, backend=args.compile_backend)
+        if args.compile_cache:
+            persistent_compile_cache(args.compile_cache)
+        mode = None if args.compile_mode == "default" else args.compile_mode
+        model = torch.compile(model, backend=args.compile_backend, mode=mode)
     scaler = accelerator.scaler
 
     # ---- resume ----
@@ -652,6 +661,19 @@ def parse_args(argv=None):
                              "deleting them (refused otherwise)")
     # testing: sleep inside the save of this step's checkpoint, its temporary file written (kill tests)
     parser.add_argument("--debug-slow-save-step", type=int, default=None, help=argparse.SUPPRESS)
+    # speed levers (models/fused.py; measured by benchmarks/bench_train.py --levers); all off by default
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode with --compile (reduce-overhead = CUDA graphs)")
+    parser.add_argument("--compile-cache", default=None, metavar="DIR",
+                        help="keep inductor's compiled graphs and autotuning results in DIR for later runs")
+    parser.add_argument("--gelu-epilogue", action="store_true",
+                        help="tanh-GELU fused into the fc1 GEMM (cuBLASLt epilogue on GPUs); equal numerics")
+    parser.add_argument("--fused-norm-modulate", action="store_true",
+                        help="Triton LayerNorm+modulate and gate+residual kernels (CUDA); equal numerics")
+    parser.add_argument("--fp8", action="store_true",
+                        help="FP8 matmuls in the blocks (torchao; sm89+ GPUs, with --mixed-precision bf16); "
+                             "NOT equal numerics")
     # testing: multiply the loss by NaN at these steps, e.g. "3,5-7" (step numbers as logged, from 1)
     parser.add_argument("--debug-nan-steps", type=str, default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -668,6 +690,10 @@ def parse_args(argv=None):
         parser.error(f"--overwrite starts over; it contradicts --resume-step {args.resume_step}")
     if not 0.0 <= args.ema_decay <= 1.0:
         parser.error(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
+    if (args.compile_mode != "default" or args.compile_cache) and not args.compile:
+        parser.error("--compile-mode / --compile-cache take effect only with --compile")
+    if args.fp8 and args.mixed_precision != "bf16":
+        parser.error(f"--fp8 runs with --mixed-precision bf16 (got {args.mixed_precision})")
     try:
         parse_step_list(args.debug_nan_steps)
     except ValueError:

@@ -377,3 +377,20 @@ def test_grad_checkpoint_flag_trains_the_same_weights(latent_dir, tmp_path):
     run(*tiny_argv(latent_dir, tmp_path, "ckpt", "--max-train-steps", 2, "--grad-checkpoint"))
     assert_states_equal(ckpt(tmp_path, "plain", 2)["model"], ckpt(tmp_path, "ckpt", 2)["model"], exact=False, atol=1e-6)
     assert ckpt(tmp_path, "ckpt", 2)["args"].grad_checkpoint is True
+
+
+def test_speed_lever_flags(latent_dir, tmp_path, capsys):
+    # GELU in the fc1 GEMM (on CPU: addmm then tanh-GELU, the same math) trains the same weights
+    run(*tiny_argv(latent_dir, tmp_path, "plain", "--max-train-steps", 2))
+    run(*tiny_argv(latent_dir, tmp_path, "gelu", "--max-train-steps", 2, "--gelu-epilogue"))
+    plain, gelu = ckpt(tmp_path, "plain", 2), ckpt(tmp_path, "gelu", 2)
+    assert set(plain["model"]) == set(gelu["model"])  # the lever keeps the keys
+    assert_states_equal(plain["model"], gelu["model"], exact=False, atol=1e-6)
+    # levers that cannot run here are one line at start-up, before any step
+    with pytest.raises(train_utils.TrainingError, match="fused_norm_modulate runs Triton kernels on a CUDA GPU"):
+        run(*tiny_argv(latent_dir, tmp_path, "norm", "--max-train-steps", 1, "--fused-norm-modulate"))
+    for argv, message in ((["--fp8"], "--fp8 runs with --mixed-precision bf16"),
+                          (["--compile-mode", "max-autotune"], "only with --compile")):
+        with pytest.raises(SystemExit):
+            train.parse_args(tiny_argv(latent_dir, tmp_path, "x", *argv))
+        assert message in capsys.readouterr().err
