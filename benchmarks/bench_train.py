@@ -421,6 +421,8 @@ def parse_args(argv=None):
                    help="reduce-overhead and max-autotune also replay the step's graphs as CUDA graphs")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="keep inductor's compiled graphs and autotuning results in DIR (reused by later runs)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="ours: recompute block activations in the backward pass (train.py --grad-checkpoint)")
     p.add_argument("--gelu-epilogue", action="store_true", help="ours: fc1 + GELU as one GEMM (models/fused.py)")
     p.add_argument("--fused-norm-modulate", action="store_true",
                    help="ours: Triton LayerNorm+modulate and gate+residual kernels (models/fused.py)")
@@ -518,6 +520,7 @@ def bench_model(args, model_name, device, command):
             input_size=latent, num_classes=args.num_classes, encoder_depth=args.encoder_depth,
             crop_start=args.crop_start, class_dropout_prob=0.1, uncond_prob=0.9, **repa,
         ).train()
+    model.grad_checkpoint = args.grad_checkpoint  # train.py --grad-checkpoint
     ema_params = [p.detach().clone() for p in model.parameters()]
     loss_fn = LSEPLoss(weights_type="steps", weight_start=0.0225, weight_end=0.03, n_weights=10)
     x = torch.randn(args.batch_size, model.in_channels, latent, latent, device=device)
@@ -597,7 +600,7 @@ def bench_model(args, model_name, device, command):
         torch=torch.__version__, cuda=torch.version.cuda, device=name, device_type=device.type,
         threads=torch.get_num_threads(), model=model_name, resolution=args.resolution,
         batch_size=args.batch_size, precision=args.precision, compile=args.compile, allow_tf32=args.allow_tf32,
-        enc_type=args.enc_type or None,
+        enc_type=args.enc_type or None, grad_checkpoint=args.grad_checkpoint,
         timing=timing, flops_per_step=flops_per_step, flops_per_sample=flops_per_step / args.batch_size,
         peak_flops=peak, memory=memory_label, paths=rows, ours_speedup_vs_reference=ratio, levers=levers,
         compile_cache=args.compile_cache,
