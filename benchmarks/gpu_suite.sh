@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_suite.sh numerics   # SiT-XL/2 loss curves, 300 steps: fp8 vs bf16, equal levers vs none
 #   bash benchmarks/gpu_suite.sh autotune   # max-autotune once into the persistent compile cache (slow) ...
 #   bash benchmarks/gpu_suite.sh autotune2  # ... then timed from the cache (run on the same warm machine)
+#   bash benchmarks/gpu_suite.sh memory     # --grad-checkpoint: SiT-XL/2 batch 32 peak memory and step time
 #   bash benchmarks/gpu_suite.sh all        # train sample loop (the first three parts)
 # Results (JSON + gpu_suite.log) go to $OUT if set, else benchmarks/results/. Each command is bounded
 # by `timeout`, and a failure does not stop the later ones. Lever timings: SiT-XL/2, 256 px, batch 64,
@@ -128,6 +129,13 @@ if [ "$PART" = loop ] || [ "$PART" = all ]; then
     run 260 bash benchmarks/train_loop_gpu.sh "$RESULTS"
     # The evaluator: Inception features and the five metrics at 10k and 50k samples (random weights).
     run 190 "$PY" benchmarks/bench_evaluator.py --sizes 10000,50000 --device cuda --out "$RESULTS/evaluator_gpu.json"
+fi
+
+if [ "$PART" = memory ]; then
+    # --grad-checkpoint: SiT-XL/2 at batch 32 per GPU with and without activation recomputation (peak
+    # memory: does it fit a 24 GB card? and the step-time cost), bf16, eager then compiled.
+    run 280 $TRAIN --model SiT-XL/2 --batch-size 32 --reps 3
+    run 280 $TRAIN --model SiT-XL/2 --batch-size 32 --reps 3 --grad-checkpoint
 fi
 
 echo "results in $RESULTS" | tee -a "$LOG"
