@@ -1,14 +1,15 @@
 """Training memory of a SiT, without a GPU: bytes saved for the backward pass, with and without
 --grad-checkpoint, plus the exact bytes of weights, gradients, AdamW state and EMA.
 
-Runs one training forward (LSEP loss, probe branch and crop on, bf16 autocast as on GPUs) on the
-CPU and counts every tensor autograd saves for the backward pass (each storage once). Activation
-memory is linear in the batch, so the per-sample figure extrapolates to any batch. What this does
+Runs training forwards (LSEP loss, probe branch and crop on, bf16 autocast as on GPUs) on the CPU
+at batch B and 2B and counts every tensor autograd saves for the backward pass (each storage once).
+The difference is the per-sample activation memory; the rest is independent of the batch (under
+autocast: the bf16 copies of the weights). Both extrapolate to any batch. What this does
 not see: the allocator's fragmentation, cuBLAS/attention workspaces, the CUDA context, and the
 transient tensors of the backward pass (with --grad-checkpoint: one block's recomputed activations
 and their gradients at a time); add a few GiB for them.
 
-    python benchmarks/activation_memory.py --model SiT-XL/2 --batch-size 2 --plan-batch 32
+    python benchmarks/activation_memory.py --model SiT-XL/2 --batch-size 1 --plan-batch 32
 """
 import argparse
 import json
@@ -47,7 +48,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="SiT-XL/2")
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=2, help="batch of the measured forward")
+    p.add_argument("--batch-size", type=int, default=1, help="measured at this batch and twice it")
     p.add_argument("--plan-batch", type=int, default=32, help="per-GPU batch to extrapolate to")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--crop-start", type=int, default=12)
@@ -58,8 +59,6 @@ def main(argv=None):
     latent = args.resolution // 8
     model = SiT_models[args.model](input_size=latent, num_classes=1000, crop_start=args.crop_start).train()
     loss_fn = LSEPLoss(weights_type="steps", weight_start=0.0225, weight_end=0.03, n_weights=10)
-    x = torch.randn(args.batch_size, 4, latent, latent)
-    y = torch.randint(0, 1000, (args.batch_size,))
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     all_params = sum(p.numel() for p in model.parameters())
@@ -69,18 +68,25 @@ def main(argv=None):
     for checkpointed in (False, True):
         model.grad_checkpoint = checkpointed
         start = time.perf_counter()
-        per_sample = saved_bytes(model, loss_fn, x, y, dtype) / args.batch_size
+        saved = []
+        for batch in (args.batch_size, 2 * args.batch_size):
+            torch.manual_seed(1)
+            x, y = torch.randn(batch, 4, latent, latent), torch.randint(0, 1000, (batch,))
+            saved.append(saved_bytes(model, loss_fn, x, y, dtype))
+        per_sample = (saved[1] - saved[0]) / args.batch_size
+        fixed = saved[0] - per_sample * args.batch_size
         rows["grad_checkpoint" if checkpointed else "plain"] = {
-            "saved_bytes_per_sample": per_sample, "seconds": time.perf_counter() - start,
-            "estimate_gib_at_plan_batch": (sum(states.values()) + per_sample * args.plan_batch) / 2**30}
+            "saved_bytes_per_sample": per_sample, "saved_bytes_fixed": fixed, "seconds": time.perf_counter() - start,
+            "estimate_gib_at_plan_batch": (sum(states.values()) + fixed + per_sample * args.plan_batch) / 2**30}
     gib = 2**30
     print(f"{args.model} {args.resolution} px, {args.precision} autocast, crop from {args.crop_start}; "
           f"measured at batch {args.batch_size}, extrapolated to {args.plan_batch} per GPU")
     print("model state (fp32 weights, gradients, AdamW, EMA): "
           + ", ".join(f"{k} {v / gib:.2f}" for k, v in states.items()) + f" = {sum(states.values()) / gib:.2f} GiB")
-    print(f"{'':16} {'saved for backward per sample':>30} {'state + activations at batch ' + str(args.plan_batch):>36}")
+    print(f"{'':16} {'saved per sample':>18} {'saved, fixed':>14} {'state + saved at batch ' + str(args.plan_batch):>30}")
     for name, row in rows.items():
-        print(f"{name:16} {row['saved_bytes_per_sample'] / 2**20:>26.1f} MiB {row['estimate_gib_at_plan_batch']:>32.2f} GiB")
+        print(f"{name:16} {row['saved_bytes_per_sample'] / 2**20:>14.1f} MiB {row['saved_bytes_fixed'] / 2**30:>10.2f} GiB "
+              f"{row['estimate_gib_at_plan_batch']:>26.2f} GiB")
     record = {"model": args.model, "resolution": args.resolution, "precision": args.precision,
               "crop_start": args.crop_start, "measured_batch": args.batch_size, "plan_batch": args.plan_batch,
               "state_bytes": states, "rows": rows, "torch": torch.__version__,

@@ -325,3 +325,25 @@ def test_bench_train_refuses_gpu_only_levers_on_cpu(capsys):
             parse_args(["--device", "cpu"] + argv)
         assert "error:" in capsys.readouterr().err
     assert "fp8" not in parse_args(["--device", "cpu", "--levers", "all"]).lever_names
+
+
+def test_activation_memory_counts_saved_tensors(tmp_path):
+    """Model state bytes in closed form; the per-sample saved bytes do not depend on the measured
+    batch, and --grad-checkpoint keeps far fewer (only block inputs)."""
+    from benchmarks import activation_memory
+    from models import SiT_models
+
+    def measure(batch):
+        return activation_memory.main(["--model", "SiT-S/4", "--resolution", "64", "--batch-size", str(batch),
+                                       "--crop-start", "2", "--out", str(tmp_path / f"{batch}.json")])
+
+    one, two = measure(1), measure(2)
+    model = SiT_models["SiT-S/4"](input_size=8, num_classes=1000)
+    n = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert one["state_bytes"] == {"weights": 4 * n, "gradients": 4 * trainable, "adamw": 8 * trainable, "ema": 4 * n}
+    for row in ("plain", "grad_checkpoint"):
+        a, b = one["rows"][row]["saved_bytes_per_sample"], two["rows"][row]["saved_bytes_per_sample"]
+        assert a > 0 and abs(a - b) / a < 0.02, row
+    plain, checkpointed = (one["rows"][r]["saved_bytes_per_sample"] for r in ("plain", "grad_checkpoint"))
+    assert checkpointed < 0.3 * plain
