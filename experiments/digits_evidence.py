@@ -36,7 +36,6 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -56,9 +55,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SPLIT_SEED = 0            # the held-out split is the same for every seed and method
 HELD_OUT_FRACTION = 0.3   # ~539 held-out digits, ~1258 for training
 PROBE_TIMESTEPS = (0.0, 0.5)
-# torch.serialization.safe_globals (inside load_checkpoint_file) edits process-wide state on entry
-# and exit, so two runs' threads loading at once can drop each other's allow-list: load one at a time.
-CHECKPOINT_LOAD_LOCK = threading.Lock()
 
 # What is compared. flags: extra train.py flags; probe: whether a step runs the LSEP probe branch.
 # REPA and REPA + LSEP: the pieces exist (models/repa.py, models/encoders.py,
@@ -288,8 +284,7 @@ def probe_top1(ckpt, probe_data):
     import probe
     from models.checkpoint import load_model
 
-    with CHECKPOINT_LOAD_LOCK:
-        model = load_model(ckpt, which="ema", hash_weights=False).model  # eval mode, frozen, CPU
+    model = load_model(ckpt, which="ema", hash_weights=False).model  # eval mode, frozen, CPU
     (x_train, y_train), (x_test, y_test) = probe_data
     top1 = []
     for t in PROBE_TIMESTEPS:

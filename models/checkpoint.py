@@ -23,6 +23,11 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
 MODEL_KWARGS_KEY = "model_kwargs"             # train.py stores SiT(...) kwargs as args.model_kwargs
 
 
+# The authors store their flags as an argparse.Namespace; allowed once for the whole process (the
+# safe_globals context manager is process-wide state, so threads loading at once would race on it).
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
@@ -40,8 +45,7 @@ def load_checkpoint_file(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         # mmap: ranks that load the same file share its pages instead of each holding a copy
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated zip, not a torch file, ...
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
                               "it may be truncated or not a PyTorch checkpoint") from None

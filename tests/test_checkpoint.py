@@ -132,3 +132,14 @@ def test_checkpoint_model_kwargs_from_namespace_or_dict():
     assert checkpoint_model_kwargs({"args": argparse.Namespace(model="SiT-XL/2")}) is None
     assert checkpoint_model_kwargs({"ema": {}}) is None
     assert checkpoint_args({"args": argparse.Namespace(num_classes=7)}, "num_classes") == 7
+
+
+def test_checkpoints_load_from_many_threads_at_once(tmp_path):
+    """The Namespace allow-list is process-wide, not a context manager that threads could undo for each other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = str(tmp_path / "c.pt")
+    atomic_save({"ema": {"w": torch.arange(4.0)}, "args": argparse.Namespace(model="SiT-S/2"), "steps": 3}, path)
+    with ThreadPoolExecutor(8) as pool:
+        loaded = list(pool.map(lambda _: load_checkpoint_file(path), range(64)))
+    assert all(c["args"].model == "SiT-S/2" and torch.equal(c["ema"]["w"], torch.arange(4.0)) for c in loaded)

@@ -379,7 +379,8 @@ def test_grad_checkpoint_flag_trains_the_same_weights(latent_dir, tmp_path):
     assert ckpt(tmp_path, "ckpt", 2)["args"].grad_checkpoint is True
 
 
-def test_speed_lever_flags(latent_dir, tmp_path, capsys):
+def test_speed_lever_flags(latent_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # tests/test_fused.py turns Triton's CPU interpreter on
     # GELU in the fc1 GEMM (on CPU: addmm then tanh-GELU, the same math) trains the same weights
     run(*tiny_argv(latent_dir, tmp_path, "plain", "--max-train-steps", 2))
     run(*tiny_argv(latent_dir, tmp_path, "gelu", "--max-train-steps", 2, "--gelu-epilogue"))
