@@ -16,7 +16,7 @@ from evaluator import metrics
 from evaluator import evaluator as evaluator_cli
 from models import ModelConfig, SiT
 from models.checkpoint import load_checkpoint_file, weights_sha256
-from test_train import NUM_LABELS, make_pixel_data
+from test_train import NUM_LABELS, ckpt, make_pixel_data, run, stats
 from train_utils import TrainingError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,17 +44,6 @@ def argv(data_dir, out, name, *extra, side=16):
             "--crop-start", "2", "--ema-decay", "0.5", *map(str, extra)]
 
 
-def run(*args):
-    return train.main(train.parse_args(list(args)))
-
-
-def ckpt(out, name, step):
-    return load_checkpoint_file(os.path.join(out, name, "checkpoints", f"{step:07d}.pt"))
-
-
-def stats(out, name):
-    with open(os.path.join(out, name, "stats.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def sample(checkpoint_path, out_dir, n=4, *extra):

@@ -14,9 +14,6 @@ import copy
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -31,6 +28,7 @@ from models import ModelConfig, SiT
 from models import encoders as enc
 from models.checkpoint import load_checkpoint_file, load_model
 from models.config import ConfigError
+from test_train import torchrun_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ENC = dict(embed_dim=32, depth=2, num_heads=2)
@@ -409,18 +407,7 @@ def test_repa_flags_are_checked(files, tmp_path):
 
 
 def test_two_processes_equal_one_process_with_accumulation_repa_lsep(files, tmp_path):
-    argv = train_argv(files, tmp_path, "two", "repa_lsep", "--max-train-steps", 2)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(ROOT, "train.py"), *argv]
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
-        output, _ = proc.communicate()
-    assert proc.returncode == 0, output[-3000:]
+    torchrun_train(train_argv(files, tmp_path, "two", "repa_lsep", "--max-train-steps", 2))
     run(train_argv(files, tmp_path, "accum", "repa_lsep", "--max-train-steps", 2, "--gradient-accumulation-steps", 2,
                    "--batch-size", 2))
     two, accum = ckpt(tmp_path, "two", 2), ckpt(tmp_path, "accum", 2)

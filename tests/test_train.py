@@ -85,6 +85,22 @@ def run(*argv):
     return train.main(train.parse_args(list(argv)))
 
 
+def torchrun_train(argv, nproc=2, timeout=240):
+    """train.py under torchrun (gloo on CPU); kills torchrun and its workers on a timeout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               os.path.join(ROOT, "train.py"), *map(str, argv)]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers, started in their own session
+        output, _ = proc.communicate()
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
 def ckpt(out_dir, name, step):
     return load_checkpoint_file(os.path.join(out_dir, name, "checkpoints", f"{step:07d}.pt"))
 
@@ -184,18 +200,7 @@ def test_wandb_offline_without_credentials(tmp_path):
 @pytest.mark.parametrize("extra", [(), ("--no-probe",)], ids=["lsep", "baseline"])
 def test_two_processes_equal_one_process_with_accumulation(latent_dir, tmp_path, extra):
     # the baseline leaves the classifier without gradients, which DDP refuses unless it is frozen
-    argv = tiny_argv(latent_dir, tmp_path, "two", "--max-train-steps", 3, *extra)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(ROOT, "train.py"), *argv]
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
-        output, _ = proc.communicate()
-    assert proc.returncode == 0, output[-3000:]
+    torchrun_train(tiny_argv(latent_dir, tmp_path, "two", "--max-train-steps", 3, *extra))
     # --batch-size is per micro-step over all processes (the authors' meaning): 2 x 4 = 8 per optimizer step either way
     run(*tiny_argv(latent_dir, tmp_path, "accum", "--max-train-steps", 3, "--gradient-accumulation-steps", 2,
                    "--batch-size", 4, *extra))
