@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from loss import LSEPLoss
 from models import SiT
 from models.checkpoint import CheckpointError
-from models.fused import apply_speed_levers, persistent_compile_cache
+from models.fused import add_lever_flags, apply_speed_levers, persistent_compile_cache
 from models.config import DEFAULT_ALIGN_DEPTH, DEFAULT_PROJECTOR_DIM, DEFAULTS, MODEL_NAMES, PATH_TYPES
 from models.encoders import EncoderWeightsError, EncoderWeightsMissing, parse_arch_overrides, parse_enc_type, \
     training_encoders
@@ -662,18 +662,7 @@ def parse_args(argv=None):
     # testing: sleep inside the save of this step's checkpoint, its temporary file written (kill tests)
     parser.add_argument("--debug-slow-save-step", type=int, default=None, help=argparse.SUPPRESS)
     # speed levers (models/fused.py; measured by benchmarks/bench_train.py --levers); all off by default
-    parser.add_argument("--compile-mode", default="default",
-                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                        help="torch.compile mode with --compile (reduce-overhead = CUDA graphs)")
-    parser.add_argument("--compile-cache", default=None, metavar="DIR",
-                        help="keep inductor's compiled graphs and autotuning results in DIR for later runs")
-    parser.add_argument("--gelu-epilogue", action="store_true",
-                        help="tanh-GELU fused into the fc1 GEMM (cuBLASLt epilogue on GPUs); equal numerics")
-    parser.add_argument("--fused-norm-modulate", action="store_true",
-                        help="Triton LayerNorm+modulate and gate+residual kernels (CUDA); equal numerics")
-    parser.add_argument("--fp8", action="store_true",
-                        help="FP8 matmuls in the blocks (torchao; sm89+ GPUs, with --mixed-precision bf16); "
-                             "NOT equal numerics")
+    add_lever_flags(parser)
     # testing: multiply the loss by NaN at these steps, e.g. "3,5-7" (step numbers as logged, from 1)
     parser.add_argument("--debug-nan-steps", type=str, default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

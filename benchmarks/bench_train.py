@@ -32,7 +32,6 @@ import copy
 import ctypes
 import datetime
 import json
-import math
 import os
 import platform
 import re
@@ -51,7 +50,7 @@ from benchmarks.reference_paths import AUTHORS_TRAINING, ReferenceForward, atten
     loop_ema_update  # noqa: E402
 from loss import LSEPLoss  # noqa: E402
 from models import SiT_models  # noqa: E402
-from models.fused import apply_speed_levers, clip_grad_norm_into_fused_adamw_, \
+from models.fused import add_lever_flags, apply_speed_levers, clip_grad_norm_into_fused_adamw_, \
     persistent_compile_cache  # noqa: E402
 from models.flops import SiTFlopsConfig, mfu, peak_flops, repa_train_step_flops, train_step_flops  # noqa: E402
 
@@ -416,17 +415,9 @@ def parse_args(argv=None):
     p.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls for fp32 (the recipe's --allow-tf32); sets the fp32 peak used for MFU")
     p.add_argument("--compile", action="store_true", help="torch.compile our path (the reference stays eager)")
-    p.add_argument("--compile-mode", default="default",
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                   help="reduce-overhead and max-autotune also replay the step's graphs as CUDA graphs")
-    p.add_argument("--compile-cache", default=None, metavar="DIR",
-                   help="keep inductor's compiled graphs and autotuning results in DIR (reused by later runs)")
+    add_lever_flags(p)  # --compile-mode --compile-cache --gelu-epilogue --fused-norm-modulate --fp8 (ours only)
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="ours: recompute block activations in the backward pass (train.py --grad-checkpoint)")
-    p.add_argument("--gelu-epilogue", action="store_true", help="ours: fc1 + GELU as one GEMM (models/fused.py)")
-    p.add_argument("--fused-norm-modulate", action="store_true",
-                   help="ours: Triton LayerNorm+modulate and gate+residual kernels (models/fused.py)")
-    p.add_argument("--fp8", action="store_true", help="ours: torchao float8 block matmuls (sm89+ GPUs)")
     p.add_argument("--reference-attention", default="sdpa", choices=["sdpa", "manual"],
                    help="reference attention (sdpa: the authors' train.py default)")
     p.add_argument("--reference-precision", default=None, choices=sorted(AMP_DTYPES),

@@ -43,6 +43,24 @@ from models.sit import SiTBlock
 FP8_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def add_lever_flags(parser):
+    """The levers' command-line flags, shared by train.py and benchmarks/bench_train.py; all off by default."""
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="torch.compile mode with --compile (reduce-overhead and max-autotune also replay the "
+                             "step as CUDA graphs)")
+    parser.add_argument("--compile-cache", default=None, metavar="DIR",
+                        help="keep inductor's compiled graphs and autotuning results in DIR for later runs")
+    parser.add_argument("--gelu-epilogue", action="store_true",
+                        help="tanh-GELU fused into the fc1 GEMM (cuBLASLt epilogue on GPUs); equal numerics")
+    parser.add_argument("--fused-norm-modulate", action="store_true",
+                        help="Triton LayerNorm+modulate and gate+residual kernels (CUDA); equal numerics")
+    parser.add_argument("--fp8", action="store_true",
+                        help="FP8 matmuls in the blocks (torchao; sm89+ GPUs, bf16); NOT equal numerics")
+
+
 def apply_speed_levers(model, gelu_epilogue=False, fused_norm_modulate=False, fp8=False):
     """Turn the chosen levers on in ``model`` (a ``models.SiT``) in place; returns ``model``.
 
