@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate import Autocast  # noqa: E402
 from models import SiT_models  # noqa: E402
+from models.checkpoint import load_model  # noqa: E402
 from models.flops import peak_flops, sit_forward_flops  # noqa: E402
 from samplers import euler_maruyama_sampler, euler_sampler, unwrap_model  # noqa: E402
 
@@ -30,7 +31,10 @@ def model_evals(mode, num_steps, cfg_scale, heun=False):
 
 
 def random_model(args, fused_attn, latent_size, seed=0):
-    """A SiT with every trainable weight drawn N(0, 0.02), so no layer outputs zeros."""
+    """The timed SiT: --ckpt's EMA weights through the one loader (models.checkpoint.load_model),
+    else every trainable weight drawn N(0, 0.02), so no layer outputs zeros."""
+    if args.ckpt:
+        return load_model(args.ckpt, fused_attn=fused_attn, hash_weights=False).model.to(args.device)
     torch.manual_seed(seed)
     model = SiT_models[args.model](input_size=latent_size, in_channels=4, num_classes=args.num_classes,
                                    fused_attn=fused_attn)
@@ -76,17 +80,22 @@ def main(args):
     torch.set_grad_enabled(False)
     args.device = torch.device(args.device)
     cpu = args.device.type == "cpu"
+    channels = 4
+    if args.ckpt:  # the checkpoint says what it is; --model / --resolution / --num-classes must not
+        config = load_model(args.ckpt, hash_weights=False).config
+        channels, factor = config.in_channels, 1 if config.in_channels == 3 else 8
+        args.model, args.resolution, args.num_classes = config.model, config.input_size * factor, config.num_classes
     args.model = args.model or ("SiT-S/2" if cpu else "SiT-B/2")
     args.resolution = args.resolution or (64 if cpu else 256)
     args.batch_size = args.batch_size or (4 if cpu else 32)
     args.sde_steps = args.sde_steps or (10 if cpu else 250)
     args.ode_steps = args.ode_steps or (5 if cpu else 50)
     args.precision = args.precision or ("fp32" if cpu else "bf16")
-    latent_size = args.resolution // 8
+    latent_size = args.resolution // (1 if channels == 3 else 8)
     gpu = torch.cuda.get_device_name(args.device) if not cpu else "cpu"
 
     torch.manual_seed(1)
-    z = torch.randn(args.batch_size, 4, latent_size, latent_size, device=args.device)
+    z = torch.randn(args.batch_size, channels, latent_size, latent_size, device=args.device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=args.device)
     rows = []
 
@@ -162,6 +171,7 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ckpt", default=None, help="time this checkpoint's EMA model (its size, input and classes)")
     parser.add_argument("--model", default=None, help="default SiT-B/2 on GPU, SiT-S/2 on CPU")
     parser.add_argument("--resolution", type=int, default=None, help="pixels (latent = /8); default 256 GPU, 64 CPU")
     parser.add_argument("--batch-size", type=int, default=None, help="default 32 GPU, 4 CPU")
