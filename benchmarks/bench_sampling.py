@@ -76,8 +76,8 @@ def set_precision(precision):
     torch.backends.cudnn.allow_tf32 = tf32
 
 
+@torch.no_grad()  # a context, not set_grad_enabled(False): a caller (the tests) keeps its grad mode
 def main(args):
-    torch.set_grad_enabled(False)
     args.device = torch.device(args.device)
     cpu = args.device.type == "cpu"
     channels = 4

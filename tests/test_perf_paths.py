@@ -369,6 +369,7 @@ def test_bench_sampling_times_a_checkpoint_through_the_loader(tmp_path):
     bench_sampling.main(bench_sampling.parse_args(["--device", "cpu", "--ckpt", str(tmp_path / "tiny.pt"), "--compare",
                                                    "--sde-steps", "3", "--ode-steps", "3", "--batch-size", "2",
                                                    "--repeats", "1", "--out", str(out)]))
+    assert torch.is_grad_enabled()  # the benchmark leaves the caller's grad mode alone
     with open(out) as f:
         result = json.load(f)
     assert (result["model"], result["resolution"]) == ("custom", 8)
