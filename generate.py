@@ -135,14 +135,10 @@ def open_decoder(spec, loaded, device):
                             f"{channels}; pick the VAE (or 'none') it was trained with")
     trained = ((loaded.provenance.get("data") or {}).get("vae") or {})
     if record and trained.get("encoder_sha256") and trained["encoder_sha256"] != record["encoder_sha256"]:
-        raise GenerateError(f"--vae {spec} is not the VAE of the latents {args_hint(loaded)} was trained on (encoder "
+        raise GenerateError(f"--vae {spec} is not the VAE of the latents {os.path.basename(loaded.path)} was trained on (encoder "
                             f"{record['encoder_sha256'][:12]} vs {trained['encoder_sha256'][:12]} of "
                             f"{trained.get('name')}); pass --vae ema or mse for the SD-VAE, or that VAE's folder")
     return vae, record, channels, factor
-
-
-def args_hint(loaded):
-    return os.path.basename(loaded.path)
 
 
 def image_resolution(args, config, factor):

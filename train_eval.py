@@ -20,7 +20,7 @@ import types
 
 import torch
 
-from models.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, weights_sha256
+from models.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, weights_entry, weights_sha256
 from train_utils import TrainingError
 
 #################################################################################
@@ -72,8 +72,7 @@ def init_from(path, which, model, ema):
     except CheckpointError as exc:
         raise TrainingError(f"--init-from: {exc}") from None
     is_dict = isinstance(checkpoint, dict)
-    used = which if is_dict and isinstance(checkpoint.get(which), dict) else \
-        next((k for k in ("ema", "model") if is_dict and isinstance(checkpoint.get(k), dict)), "state dict")
+    used = weights_entry(checkpoint, which)
     copy, skipped = init_weights_plan(model.state_dict(), state, path)
     for target in (model, ema):
         own = target.state_dict()

@@ -67,14 +67,21 @@ def checkpoint_model_kwargs(checkpoint):
     return dict(kwargs) if kwargs else None
 
 
-def extract_state_dict(checkpoint, which="ema"):
-    """The model weights in a checkpoint: entry ``which`` ("ema" or "model") when present,
-    the other one otherwise, or the object itself when it is already a state dict."""
+def weights_entry(checkpoint, which="ema"):
+    """The entry holding the model weights: ``which`` ("ema" or "model") when present, the other
+    one otherwise, else "state_dict"; "state dict" when the object itself is the weights."""
     if isinstance(checkpoint, dict):
         for key in (which, "ema" if which == "model" else "model", "state_dict"):
             if isinstance(checkpoint.get(key), dict):
-                checkpoint = checkpoint[key]
-                break
+                return key
+    return "state dict"
+
+
+def extract_state_dict(checkpoint, which="ema"):
+    """The model weights in a checkpoint (``weights_entry``), wrapper prefixes stripped."""
+    entry = weights_entry(checkpoint, which)
+    if entry != "state dict":
+        checkpoint = checkpoint[entry]
     if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
         raise CheckpointError("checkpoint holds no state dict (expected 'ema'/'model' entries or tensors)")
     state = {}
@@ -284,8 +291,7 @@ def load_model(path, given=None, defaults=None, which="ema", fused_attn=True, ch
     model = SiT(config, fused_attn=fused_attn)
     report = load_state_into(model, state, source=source)
     is_dict = isinstance(checkpoint, dict)
-    used = which if is_dict and isinstance(checkpoint.get(which), dict) else \
-        next((k for k in ("ema", "model") if is_dict and isinstance(checkpoint.get(k), dict)), "state dict")
+    used = weights_entry(checkpoint, which)
     steps = checkpoint.get("steps") if is_dict else None
     return LoadedModel(model=model.eval().requires_grad_(False), config=config, report=report, path=path, which=used,
                        weights_sha256=weights_sha256(state) if hash_weights else None, kind=kind,
