@@ -630,7 +630,9 @@ def parse_args(argv=None):
                         help=f"hidden width of the projector MLPs (default {DEFAULT_PROJECTOR_DIM})")
     parser.add_argument("--align-depth", type=int, default=None,
                         help=f"the aligned block, REPA's --encoder-depth (default {DEFAULT_ALIGN_DEPTH})")
-    parser.add_argument("--enc-arch", type=str, default="", help=argparse.SUPPRESS)  # tests: tiny random encoders
+    parser.add_argument("--enc-arch", type=str, default="",
+                        help="timm size overrides for the encoders, e.g. embed_dim=64,depth=4,num_heads=4,patch_size=4 "
+                             "(for --enc-type custom-vit=FILE, a ViT of your own; tests also use it for tiny encoders)")
     # fine-tuning, post-hoc EMA, evaluation during training (train_eval.py)
     parser.add_argument("--init-from", type=str, default=None, metavar="CKPT",
                         help="start a new run (step 0, fresh optimizer) from these weights, e.g. at another "

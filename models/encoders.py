@@ -31,7 +31,7 @@ and under autocast in ``amp_dtype`` (bf16 when training runs in mixed precision)
 import os
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import timm
 import torch
@@ -132,7 +132,33 @@ ENCODERS = {
         final_norm=True, url=f"{_FB}/ijepa/IN1K-vit.h.14-300e.pth.tar",
         source="github.com/facebookresearch/ijepa IN1K-vit.h.14-300e.pth.tar (timm: vit_huge_patch14_gap_224.in1k_ijepa)",
         overrides=(("fc_norm", False),)),  # keep the final norm on the tokens, as I-JEPA's encoder
+    # Not one of REPA's: a plain timm ViT of your own (e.g. trained on your data), fed as MoCo v3
+    # (ImageNet mean/std, no resize) and read after the final norm; --enc-arch gives its size.
+    "custom-vit": EncoderSpec(
+        "vit_small_patch16_224", 384, 12, 6, 16, 1536, 1536, 1, resize=False, normalize_first=True,
+        final_norm=True, source="a state dict of your own timm ViT (vit_small_patch16_224's layout, sized with "
+                                "--enc-arch, e.g. embed_dim=64,depth=4,num_heads=4,patch_size=4)"),
 }
+
+# --enc-arch keys that change the shape models/flops.py counts and check_token_grid checks.
+_SHAPE_KEYS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio")
+
+
+def encoder_spec(name, arch=None):
+    """``ENCODERS[name]`` with the shape of ``--enc-arch`` (parsed timm kwargs) applied: the one
+    description of the encoder that is built, counted (models/flops.py) and grid-checked."""
+    spec = ENCODERS[name]
+    arch = {k: v for k, v in (arch or {}).items() if k in _SHAPE_KEYS}
+    if not arch:
+        return spec
+    embed = arch.get("embed_dim", spec.embed_dim)
+    if "mlp_ratio" in arch:
+        mlp_in = mlp_out = arch["mlp_ratio"] * embed
+    else:  # timm keeps the MLP ratio when only the width changes
+        mlp_in, mlp_out = spec.mlp_in * embed // spec.embed_dim, spec.mlp_out * embed // spec.embed_dim
+    return replace(spec, embed_dim=embed, depth=arch.get("depth", spec.depth),
+                   num_heads=arch.get("num_heads", spec.num_heads),
+                   patch_size=arch.get("patch_size", spec.patch_size), mlp_in=mlp_in, mlp_out=mlp_out)
 
 
 def encoder_input_size(spec, resolution):
@@ -140,9 +166,9 @@ def encoder_input_size(spec, resolution):
     return resolution * 7 // 8 if spec.resize else resolution  # REPA: 224 * (R // 256)
 
 
-def encoder_grid(spec, resolution, patch_size=None):
+def encoder_grid(spec, resolution):
     """Patch-token grid side of ``spec`` at ``resolution`` (R / 16 for every REPA encoder)."""
-    return encoder_input_size(spec, resolution) // (patch_size or spec.patch_size)
+    return encoder_input_size(spec, resolution) // spec.patch_size
 
 
 def parse_enc_type(enc_type, enc_path=None):
@@ -291,7 +317,8 @@ def resolve_weights(name, path=None, allow_download=False):
     cached = _cached_file(spec)
     if cached:
         return cached
-    hint = (f"--enc-type {name} needs its weights: get {spec.url or spec.source} ({spec.source}) and pass "
+    where = f"{spec.url} ({spec.source})" if spec.url else spec.source
+    hint = (f"--enc-type {name} needs its weights: get {where} and pass "
             f"--enc-type {name}=/path/to/{os.path.basename(spec.url) or 'weights.pth'} (or --enc-path FILE_OR_FOLDER)")
     if allow_download and spec.url:
         target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(spec.url))
@@ -392,8 +419,8 @@ def alignment_fields(enc_type, enc_arch=""):
     if enc_type is None:
         return {}
     names = tuple(name for name, _ in parse_enc_type(enc_type))
-    width = parse_arch_overrides(enc_arch).get("embed_dim")
-    return {"enc_type": names, "z_dims": tuple(width or ENCODERS[n].z_dim for n in names)}
+    arch = parse_arch_overrides(enc_arch)
+    return {"enc_type": names, "z_dims": tuple(encoder_spec(n, arch).z_dim for n in names)}
 
 
 def training_encoders(config, enc_type, enc_path, resolution, device, amp_dtype=None, allow_download=False,
@@ -411,10 +438,10 @@ def training_encoders(config, enc_type, enc_path, resolution, device, amp_dtype=
     entries = parse_enc_type(enc_type or ",".join(config.enc_type), enc_path)
     if tuple(name for name, _ in entries) != config.enc_type:
         raise ValueError(f"--enc-type {enc_type} differs from the model's encoders {','.join(config.enc_type)}")
-    check_token_grid(list(config.enc_type), config.grid_size ** 2, config.model, resolution)  # before any weights
+    arch = parse_arch_overrides(enc_arch)
+    check_token_grid(list(config.enc_type), config.grid_size ** 2, config.model, resolution, arch)  # before weights
     spec = ",".join(f"{name}={path}" if path else name for name, path in entries)
-    encoders = load_encoders(spec, resolution, device, None, amp_dtype, allow_download,
-                             **parse_arch_overrides(enc_arch))
+    encoders = load_encoders(spec, resolution, device, None, amp_dtype, allow_download, **arch)
     check_token_grid(encoders, config.grid_size ** 2, config.model, resolution)
     widths = tuple(e.z_dim for e in encoders)
     if widths != config.z_dims:

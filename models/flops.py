@@ -152,18 +152,19 @@ def vit_forward_flops(embed_dim, depth, patch_size, grid, prefix_tokens=1, mlp_i
     return 2 * grid * grid * in_chans * patch_size * patch_size * d + depth * per_block
 
 
-def encoder_forward_flops(enc_type, resolution=256, batch=1):
+def encoder_forward_flops(enc_type, resolution=256, batch=1, arch=None):
     """Forward FLOPs of the frozen REPA encoder(s) for ``batch`` images of side ``resolution``.
 
-    ``enc_type``: a ``--enc-type`` string (comma list) or list of names. Frozen and under
-    no_grad, the encoders run forward only, so a training step costs 1x this (not 3x).
+    ``enc_type``: a ``--enc-type`` string (comma list) or list of names; ``arch``: the parsed
+    ``--enc-arch``. Frozen and under no_grad, the encoders run forward only, so a training step
+    costs 1x this (not 3x).
     """
-    from models.encoders import ENCODERS, encoder_grid, parse_enc_type
+    from models.encoders import encoder_grid, encoder_spec, parse_enc_type
 
     names = [n for n, _ in parse_enc_type(enc_type)] if isinstance(enc_type, str) else list(enc_type)
     total = 0
     for name in names:
-        s = ENCODERS[name]
+        s = encoder_spec(name, arch)
         total += vit_forward_flops(s.embed_dim, s.depth, s.patch_size, encoder_grid(s, resolution),
                                    s.prefix_tokens, s.mlp_in, s.mlp_out)
     return batch * total
@@ -175,20 +176,19 @@ def projector_forward_flops(hidden_size, z_dims, tokens, projector_dim=2048, bat
     return batch * sum(2 * tokens * (hidden_size * p + p * p + p * z) for z in z_dims)
 
 
-def repa_train_step_flops(cfg, enc_type, resolution=256, batch=1, projector_dim=2048):
+def repa_train_step_flops(cfg, enc_type, resolution=256, batch=1, projector_dim=2048, arch=None):
     """FLOPs REPA adds to ``train_step_flops``: encoders forward (1x) + projectors (3x, trained).
 
     The SiT's backward through blocks 1..align_depth is already in its 3x forward count.
     """
-    from models.encoders import ENCODERS, parse_enc_type
+    from models.encoders import encoder_spec, parse_enc_type
 
     cfg = _as_config(cfg)
     names = [n for n, _ in parse_enc_type(enc_type)] if isinstance(enc_type, str) else list(enc_type)
     tokens = (cfg.input_size // cfg.patch_size) ** 2
-    z_dims = [ENCODERS[n].z_dim for n in names]
-    return (encoder_forward_flops(names, resolution, batch)
+    z_dims = [encoder_spec(n, arch).z_dim for n in names]
+    return (encoder_forward_flops(names, resolution, batch, arch)
             + 3 * projector_forward_flops(cfg.hidden_size, z_dims, tokens, projector_dim, batch))
-
 
 if __name__ == "__main__":
     for name in ("SiT-B/2", "SiT-L/2", "SiT-XL/2"):

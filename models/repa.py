@@ -73,16 +73,16 @@ def alignment_loss(projected, targets, proj_coeff=0.5):
     return proj_coeff * per_sample_alignment(projected, targets).mean()
 
 
-def check_token_grid(encoders, sit_tokens, model_name="--model", resolution=None):
+def check_token_grid(encoders, sit_tokens, model_name="--model", resolution=None, arch=None):
     """Start-up check: REPA aligns token by token, so every encoder's patch grid must equal the
     SiT's (16x16 at 256 px: SiT-*/2 on 32x32 latents, encoders at 224 px with patch 14 or 256 px
     with patch 16). ``encoders``: ``--enc-type`` names (with ``resolution``; checkable before any
-    weights load) or built ``models.encoders.Encoder`` objects."""
-    from models.encoders import ENCODERS, encoder_grid
+    weights load; ``arch``: the parsed --enc-arch) or built ``models.encoders.Encoder`` objects."""
+    from models.encoders import encoder_grid, encoder_spec
 
     for enc in encoders:
         name = enc if isinstance(enc, str) else enc.name
-        tokens = encoder_grid(ENCODERS[name], resolution) ** 2 if isinstance(enc, str) else enc.num_tokens
+        tokens = encoder_grid(encoder_spec(name, arch), resolution) ** 2 if isinstance(enc, str) else enc.num_tokens
         if tokens != sit_tokens:
             side, sit_side = math.isqrt(tokens), math.isqrt(sit_tokens)
             res = f" at --resolution {resolution}" if resolution else ""

@@ -394,6 +394,46 @@ def test_encoder_specs_match_timm_architectures():
                                                                              + 3 * proj)
 
 
+
+def test_enc_arch_resizes_the_counted_and_checked_encoder(tmp_path):
+    """--enc-arch: the shape the FLOPs count and the grid check see before any weights load is the
+    one built (a custom ViT with patch 4 on 32 px images: 8x8 tokens, as the digits SiT-S/4)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    arch = enc.parse_arch_overrides("embed_dim=48,depth=3,num_heads=3,patch_size=4")
+    spec = enc.encoder_spec("custom-vit", arch)
+    assert enc.encoder_spec("custom-vit") is enc.ENCODERS["custom-vit"]
+    vit = enc.create_vit("custom-vit", 32, **arch).eval()
+    b = vit.blocks[0]
+    assert (vit.embed_dim, len(vit.blocks), b.attn.num_heads, vit.patch_embed.patch_size[0],
+            b.mlp.fc1.out_features, b.mlp.fc2.in_features, vit.num_prefix_tokens) == (
+        48, 3, 3, 4, 192, 192, 1) == (spec.embed_dim, spec.depth, spec.num_heads, spec.patch_size, spec.mlp_in,
+                                      spec.mlp_out, spec.prefix_tokens)
+    assert enc.encoder_grid(spec, 32) == vit.patch_embed.grid_size[0] == 8
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        vit.forward_features(torch.randn(2, 3, 32, 32))
+    assert encoder_forward_flops("custom-vit", 32, batch=2, arch=arch) == counter.get_total_flops()
+    check_token_grid(["custom-vit"], 64, "SiT-S/4", 32, arch)  # by name, before weights
+    with pytest.raises(ValueError, match="custom-vit gives 2x2 patch tokens at --resolution 32"):
+        check_token_grid(["custom-vit"], 64, "SiT-S/4", 32)  # without --enc-arch: patch 16
+    assert enc.alignment_fields("custom-vit", "embed_dim=48,depth=3,num_heads=3,patch_size=4")["z_dims"] == (48,)
+    cfg = SiTFlopsConfig(depth=4, hidden_size=96, num_heads=4, patch_size=4, input_size=32, in_channels=3,
+                         num_classes=10, encoder_depth=2)
+    proj = 2 * 64 * (96 * 256 + 256 * 256 + 256 * 48)
+    assert repa_train_step_flops(cfg, "custom-vit", 32, batch=2, projector_dim=256, arch=arch) == \
+        counter.get_total_flops() + 2 * 3 * proj
+    # a custom ViT's own weights file loads with the same overrides, and its tokens are the model's
+    path = str(tmp_path / "vit.pt")
+    torch.save(vit.state_dict(), path)
+    encoder = enc.load_encoders(f"custom-vit={path}", 32, **arch)[0]
+    images = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8))
+    with torch.no_grad():
+        want = vit.forward_features(encoder.preprocess(images))[:, 1:]
+    torch.testing.assert_close(encoder(images), want)
+    with pytest.raises(enc.EncoderWeightsMissing, match="custom-vit needs its weights"):
+        enc.load_encoders("custom-vit", 32, **arch)
+
 # ---------------------------------------------------------------- paired dataset
 
 def test_paired_dataset_mode(tmp_path):
