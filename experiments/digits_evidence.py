@@ -1,6 +1,6 @@
-"""The paper's claim in miniature, measured: SiT baseline vs LSEP on real digits, several seeds.
+"""The paper's claim in miniature, measured: SiT baseline, LSEP, REPA and REPA + LSEP on real digits.
 
-    python experiments/digits_evidence.py            # full: 3 seeds, ~25-45 min on 2 CPU cores
+    python experiments/digits_evidence.py            # full: 3 seeds, ~35-45 min on 2 CPU cores
     python experiments/digits_evidence.py --quick    # the CI version (about a minute)
 
 Data: scikit-learn's 1797 digits, upscaled to 32x32 RGB as demo.py does (pixel space, no VAE),
@@ -8,10 +8,13 @@ split once (seed 0, stratified) into a training split, the only digits the gener
 the judge network ever train on, and a held-out split the generated samples are compared with.
 
 Each method is trained by ``train.py`` (the demo's model and recipe; the baseline is ``--no-probe``,
-all else equal) for every seed, with a checkpoint every ``eval_every`` steps. The baseline runs
-longer, so that its training FLOPs cover LSEP's: an LSEP step also runs the probe branch through
-blocks 1..encoder_depth (``models/flops.py``). Every checkpoint is sampled by ``generate.py``
-(balanced labels) and measured:
+all else equal) for every seed, with a checkpoint every ``eval_every`` steps. REPA's "external"
+encoder is not a pretrained DINOv2 (none has seen a digit, and none can be downloaded here) but a
+small ViT trained here, with class labels, on the training split only (``train_digit_encoder``),
+passed as ``--enc-type custom-vit=FILE --enc-arch ...``. The costliest step (REPA + LSEP: probe
+branch, frozen encoder forward, projector) runs ``--steps`` steps; every other method runs longer,
+so that its training FLOPs (``models/flops.py``) cover that budget. Every checkpoint is sampled by
+``generate.py`` (balanced labels) and measured:
 
 - Frechet distance, precision and recall (``evaluator/metrics.py``, the ADM functions) between the
   samples and the held-out digits, in the 64-d pooled features of a small CNN trained on the
@@ -49,33 +52,37 @@ if ROOT not in sys.path:
 
 import demo  # noqa: E402  (the digits, the model and the recipe: one source of truth)
 from evaluator.metrics import feature_statistics, frechet_distance, precision_recall  # noqa: E402
-from models.flops import SiTFlopsConfig, train_step_flops  # noqa: E402
+from models.encoders import ENCODERS, Encoder, create_vit, parse_arch_overrides  # noqa: E402
+from models.flops import SiTFlopsConfig, encoder_forward_flops, repa_train_step_flops, train_step_flops  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPLIT_SEED = 0            # the held-out split is the same for every seed and method
 HELD_OUT_FRACTION = 0.3   # ~539 held-out digits, ~1258 for training
 PROBE_TIMESTEPS = (0.0, 0.5)
 
-# What is compared. flags: extra train.py flags; probe: whether a step runs the LSEP probe branch.
-# REPA and REPA + LSEP: the pieces exist (models/repa.py, models/encoders.py,
-# models/flops.repa_train_step_flops) but train.py cannot train with them yet, so they are not
-# here. Once it can, add e.g.
-#   "repa": dict(label="REPA", flags=["--enc-type", ..., "--enc-path", DIGITS_ENCODER], probe=False),
-#   "repa_lsep": dict(label="REPA + LSEP", flags=[...], probe=True),
-# where the "external" encoder is a small network trained on the digits' training split only
-# (not a pretrained DINOv2: say so in the table), and add REPA's encoder forward and projector
-# FLOPs (repa_train_step_flops) to step_flops.
+# What is compared. flags: extra train.py flags; probe: whether a step runs the LSEP probe branch;
+# repa: whether it aligns to the digit encoder (REPA_FLAGS + the encoder's file).
 METHODS = {
-    "baseline": dict(label="SiT baseline (--no-probe)", flags=["--no-probe"], probe=False),
-    "lsep": dict(label="LSEP", flags=[], probe=True),
+    "baseline": dict(label="SiT baseline (--no-probe)", flags=["--no-probe"], probe=False, repa=False),
+    "lsep": dict(label="LSEP", flags=[], probe=True, repa=False),
+    "repa": dict(label="REPA (digit ViT)", flags=["--no-probe"], probe=False, repa=True),
+    "repa_lsep": dict(label="REPA + LSEP", flags=[], probe=True, repa=True),
 }
-CANDIDATE_METHOD = "lsep"  # its training FLOPs are the budget every other method is matched to
+
+# REPA's "external" encoder: timm's ViT layout, 4 blocks of width 64, patch 4, so that its 8x8 patch
+# tokens at 32 px match the SiT-S/4's token grid (REPA aligns token by token). REPA's settings
+# scaled to a 4-block SiT of width 96: aligned after block 1 (REPA: 8 of 28 for SiT-XL, 4 of 12 for
+# SiT-B), projector width 256 (REPA: 2048 for widths 768-1152), --proj-coeff 0.5 (REPA's).
+ENCODER_NAME = "custom-vit"
+ENCODER_ARCH = "embed_dim=64,depth=4,num_heads=4,patch_size=4"
+ALIGN_DEPTH, PROJECTOR_DIM = 1, 256
+REPA_FLAGS = ["--enc-arch", ENCODER_ARCH, "--align-depth", str(ALIGN_DEPTH), "--projector-dim", str(PROJECTOR_DIM)]
 
 SETTINGS = {  # full run (default) and --quick (CI)
-    "full": dict(seeds=(0, 1, 2), steps=800, eval_every=160, samples=250, sample_steps=10, probe_train=800,
-                 cnn_epochs=10, jobs=2),
+    "full": dict(seeds=(0, 1, 2), steps=800, eval_every=200, samples=250, sample_steps=10, probe_train=800,
+                 cnn_epochs=10, encoder_epochs=30, jobs=2),
     "quick": dict(seeds=(0, 1), steps=5, eval_every=5, samples=100, sample_steps=4, probe_train=200,
-                  cnn_epochs=3, jobs=2),
+                  cnn_epochs=3, encoder_epochs=1, jobs=2),
 }
 METRICS = {  # name: (table label, plot label, higher is better)
     "frechet_distance": ("Frechet distance (digit-CNN features) vs held-out", "Frechet distance", False),
@@ -198,6 +205,85 @@ def sample_metrics(cnn, ref_stats, ref_features, samples, sample_labels):
 
 
 #################################################################################
+#              REPA's "external" encoder: a small ViT on the same digits        #
+#################################################################################
+
+def train_digit_encoder(images, labels, epochs, seed=0, batch_size=32):
+    """The ViT REPA aligns to, trained with class labels on the training digits only.
+
+    Built as train.py builds ``--enc-type custom-vit --enc-arch ENCODER_ARCH`` and fed through
+    the same ``Encoder.preprocess``; the classifier reads the mean of the very patch tokens REPA
+    aligns to (after the final norm), so those tokens carry the class. AdamW, one-cycle learning
+    rate, random 2-pixel shifts; deterministic for a seed. Returns the timm ViT (eval mode)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    vit = create_vit(ENCODER_NAME, demo.RESOLUTION, **parse_arch_overrides(ENCODER_ARCH))
+    preprocess = Encoder(ENCODER_NAME, vit, demo.RESOLUTION).preprocess  # freezes vit: unfrozen below
+    vit.requires_grad_(True).train()
+    head = nn.Linear(vit.embed_dim, demo.NUM_CLASSES)
+    params = list(vit.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3,
+                                                   total_steps=epochs * math.ceil(len(images) / batch_size))
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, 32, 32), as train.py's batches
+    y = torch.as_tensor(labels)
+    padded = F.pad(x, (2, 2, 2, 2))
+    side = x.shape[-1]
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), batch_size):
+            idx = order[start:start + batch_size]
+            dx, dy = torch.randint(0, 5, (2,), generator=gen).tolist()
+            tokens = vit.forward_features(preprocess(padded[idx, :, dy:dy + side, dx:dx + side]))
+            loss = F.cross_entropy(head(tokens[:, vit.num_prefix_tokens:].mean(1)), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    vit.eval().requires_grad_(False)
+    return vit, head.requires_grad_(False)
+
+
+def encoder_accuracy(vit, head, images, labels):
+    """Held-out top-1 of the encoder's own classifier (mean patch token -> linear head)."""
+    preprocess = Encoder(ENCODER_NAME, vit, demo.RESOLUTION).preprocess
+    with torch.no_grad():
+        tokens = vit.forward_features(preprocess(torch.as_tensor(images).permute(0, 3, 1, 2)))
+        predictions = head(tokens[:, vit.num_prefix_tokens:].mean(1)).argmax(-1).numpy()
+    return float((predictions == labels).mean())
+
+
+def prepare_encoder(out, images, labels, train_idx, held_idx, epochs):
+    """The encoder's weights file under ``out`` (trained once; a rerun reuses it only if it was
+    made the same way) and its record: file, sha256, held-out accuracy, training FLOPs."""
+    path = os.path.join(out, "encoder", f"{ENCODER_NAME}.pt")
+    made_by = dict(arch=ENCODER_ARCH, epochs=epochs, seed=0, train_digits=len(train_idx), lr=1e-3)
+    record_path = path + ".json"
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        if record["made_by"] != made_by:
+            sys.exit(f"digits_evidence: {path} was made by {record['made_by']}, not {made_by}; delete {out} "
+                     "(its REPA runs used that encoder) or pick a new --out")
+        return record
+    vit, head = train_digit_encoder(images[train_idx], labels[train_idx], epochs)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(vit.state_dict(), path + ".tmp")  # the file train.py loads: timm keys, no head
+    os.replace(path + ".tmp", path)
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    arch = parse_arch_overrides(ENCODER_ARCH)
+    record = dict(file=path, sha256=sha, made_by=made_by,
+                  held_out_accuracy=encoder_accuracy(vit, head, images[held_idx], labels[held_idx]),
+                  train_flops=3 * epochs * len(train_idx) * encoder_forward_flops(ENCODER_NAME, demo.RESOLUTION,
+                                                                                  arch=arch))
+    with open(record_path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(record_path + ".tmp", record_path)
+    return record
+
+
+#################################################################################
 #                               Compute per step                                #
 #################################################################################
 
@@ -220,23 +306,41 @@ def batch_size():
     return int(flags["--batch-size"])
 
 
-def step_flops(method, cfg=None):
-    """Training FLOPs of one optimizer step of ``method`` (forward + backward, the whole batch)."""
-    return train_step_flops(cfg or flops_config(), batch=batch_size(), probe=METHODS[method]["probe"])
+def step_flops(method):
+    """Training FLOPs of one optimizer step of ``method`` (forward + backward, the whole batch; for
+    REPA also the frozen encoder's forward and the projector's forward + backward)."""
+    flops = train_step_flops(flops_config(), batch=batch_size(), probe=METHODS[method]["probe"])
+    if METHODS[method]["repa"]:
+        flops += repa_train_step_flops(flops_config(), [ENCODER_NAME], demo.RESOLUTION, batch_size(), PROJECTOR_DIM,
+                                       parse_arch_overrides(ENCODER_ARCH))
+    return flops
+
+
+def budget_method():
+    """The method with the costliest step: it runs --steps steps, and its FLOPs are the budget."""
+    return max(METHODS, key=step_flops)
 
 
 def method_steps(method, cfg):
-    """Steps per method: LSEP's budget for the candidate; at least that many FLOPs for the others,
-    rounded up to a whole number of evaluation intervals."""
-    ratio = step_flops(CANDIDATE_METHOD) / step_flops(method)
+    """Steps per method: --steps for the costliest; at least its FLOPs for the others, rounded up
+    to a whole number of evaluation intervals."""
+    ratio = step_flops(budget_method()) / step_flops(method)
     return int(math.ceil(cfg["steps"] * ratio / cfg["eval_every"] - 1e-9)) * cfg["eval_every"]
+
+
+def method_flags(method, encoder_file):
+    """train.py flags of ``method`` beyond the demo's model and recipe."""
+    flags = list(METHODS[method]["flags"])
+    if METHODS[method]["repa"]:
+        flags += ["--enc-type", f"{ENCODER_NAME}={encoder_file}", *REPA_FLAGS]
+    return flags
 
 
 #################################################################################
 #                           Train, sample, measure                              #
 #################################################################################
 
-def train_run(out, data_dir, method, seed, steps, eval_every):
+def train_run(out, data_dir, method, seed, steps, eval_every, encoder_file):
     """train.py with a checkpoint every ``eval_every`` steps (resumes an interrupted run)."""
     exp_root = os.path.join(out, "exps")
     name = f"{method}-seed{seed}"
@@ -244,7 +348,7 @@ def train_run(out, data_dir, method, seed, steps, eval_every):
     if not os.path.isfile(final):
         run_logged([sys.executable, "train.py", "--exp-name", name, "--output-dir", exp_root, "--data-dir", data_dir,
                     "--vae", "none", "--resolution", str(demo.RESOLUTION), "--num-classes", str(demo.NUM_CLASSES),
-                    *demo.MODEL_FLAGS, *demo.RECIPE_FLAGS, *METHODS[method]["flags"],
+                    *demo.MODEL_FLAGS, *demo.RECIPE_FLAGS, *method_flags(method, encoder_file),
                     "--max-train-steps", str(steps), "--checkpointing-steps", str(eval_every),
                     "--checkpointing-epochs", "0", "--sampling-steps", "0", "--mixed-precision", "no",
                     "--report-to", "none", "--num-workers", "0", "--seed", str(seed), "--log-every", str(eval_every),
@@ -278,13 +382,18 @@ def generate_samples(out, ckpt, method, seed, step, cfg):
     return samples, labels
 
 
-def probe_top1(ckpt, probe_data):
+def probe_top1(ckpt, probe_data, method):
     """Held-out linear-probe top-1 [t][block] of a checkpoint's EMA model (probe.py's functions),
     and the model's FLOPs size record."""
     import probe
     from models.checkpoint import load_model
 
-    model = load_model(ckpt, which="ema", hash_weights=False).model  # eval mode, frozen, CPU
+    loaded = load_model(ckpt, which="ema", hash_weights=False)
+    model, config = loaded.model, loaded.config  # eval mode, frozen, CPU
+    made = (config.probe, config.aligned and (config.enc_type, config.align_depth, config.projector_dim))
+    counted = (METHODS[method]["probe"], METHODS[method]["repa"] and ((ENCODER_NAME,), ALIGN_DEPTH, PROJECTOR_DIM))
+    if made != counted:
+        raise RuntimeError(f"{ckpt} was trained with (probe, REPA) = {made}, not the {counted} of {method}")
     (x_train, y_train), (x_test, y_test) = probe_data
     top1 = []
     for t in PROBE_TIMESTEPS:
@@ -297,7 +406,7 @@ def probe_top1(ckpt, probe_data):
 def evaluate_run(out, data_dir, method, seed, cfg, judge):
     """Train one (method, seed) run, then measure each of its checkpoints; returns the records."""
     steps = method_steps(method, cfg)
-    ckpt_dir, ms_per_step = train_run(out, data_dir, method, seed, steps, cfg["eval_every"])
+    ckpt_dir, ms_per_step = train_run(out, data_dir, method, seed, steps, cfg["eval_every"], judge["encoder"]["file"])
     records = []
     for step in range(cfg["eval_every"], steps + 1, cfg["eval_every"]):
         path = os.path.join(out, "metrics", f"{method}-seed{seed}-{step:07d}.json")
@@ -307,7 +416,7 @@ def evaluate_run(out, data_dir, method, seed, cfg, judge):
             continue
         ckpt = os.path.join(ckpt_dir, f"{step:07d}.pt")
         samples, labels = generate_samples(out, ckpt, method, seed, step, cfg)
-        top1, model_cfg = probe_top1(ckpt, judge["probe_data"])
+        top1, model_cfg = probe_top1(ckpt, judge["probe_data"], method)
         if model_cfg != flops_config():
             raise RuntimeError(f"{ckpt} is {model_cfg}, not the {flops_config()} the FLOPs were counted for")
         record = dict(method=method, seed=seed, step=step, flops=step * step_flops(method),
@@ -377,10 +486,10 @@ def summarise(records, cfg):
                 rows.setdefault(int(step), dict(step=int(step), flops=float(step * step_flops(method)),
                                                 n_seeds=len(seeds)))[name] = mean_std([v[2][i] for v in seeds.values()])
         per_method[method] = [rows[s] for s in sorted(rows)]
-    candidate_steps = [row["step"] for row in per_method[CANDIDATE_METHOD]]
+    budget_steps = [row["step"] for row in per_method[budget_method()]]
     equal_steps, equal_flops = [], []
-    for step in candidate_steps:
-        budget = step * step_flops(CANDIDATE_METHOD)
+    for step in budget_steps:
+        budget = step * step_flops(budget_method())
         steps_row, flops_row = dict(step=step, flops=budget), dict(step=step, flops=budget)
         for method in METHODS:
             flops_row[f"{method}_steps"] = budget / step_flops(method)
@@ -424,6 +533,16 @@ def markdown(result, sha):
              f"training digits vs held-out (the floor at this sample size): Frechet distance "
              f"{result['judge']['real_frechet_distance']:.2f}, precision {100 * result['judge']['real_precision']:.1f}%, "
              f"recall {100 * result['judge']['real_recall']:.1f}%.", ""]
+    enc = result.get("encoder")
+    if enc:
+        lines += [f"REPA's \"external\" encoder is not a pretrained DINOv2: it is a small ViT (timm layout, "
+                  f"`{enc['enc_arch']}`, 8x8 patch tokens like the SiT's) trained here for "
+                  f"{enc['made_by']['epochs']} epochs with class labels on the {enc['made_by']['train_digits']} "
+                  f"training digits only (classifier on its mean patch token: {100 * enc['held_out_accuracy']:.1f}% "
+                  f"held-out accuracy), passed as `--enc-type {enc['enc_type']}=FILE " + " ".join(enc["repa_flags"])
+                  + f"` (REPA's settings scaled to a 4-block SiT, `--proj-coeff 0.5`). Its own training "
+                  f"({enc['train_flops'] / 1e9:.0f} GFLOPs) is not in the budgets below, as REPA does not count "
+                  "DINOv2's.", ""]
     lines += [f"**Equal steps** ({last_steps['step']} steps each, batch {batch_size()}; training GFLOPs "
               + ", ".join(f"{METHODS[m]['label']} {last_steps['step'] * step_flops(m) / 1e9:.0f}" for m in methods)
               + "):", "", head.rstrip("\n")]
@@ -564,7 +683,12 @@ def main(argv=None):
         return uint8_to_pixels(torch.as_tensor(images[np.sort(idx)]).permute(0, 3, 1, 2)), \
             torch.as_tensor(labels[np.sort(idx)])
 
-    judge = dict(cnn=cnn, ref_features=ref_features, ref_stats=ref_stats,
+    encoder = None
+    if any(METHODS[m]["repa"] for m in METHODS):
+        print(f"training REPA's encoder ({ENCODER_NAME} {ENCODER_ARCH}) on the training split", flush=True)
+        encoder = prepare_encoder(out, images, labels, train_idx, held_idx, cfg["encoder_epochs"])
+        print(f"encoder held-out accuracy {100 * encoder['held_out_accuracy']:.1f}%", flush=True)
+    judge = dict(cnn=cnn, ref_features=ref_features, ref_stats=ref_stats, encoder=encoder,
                  probe_data=(probe_inputs(probe_train), probe_inputs(held_idx)))
 
     runs = [(m, s) for s in cfg["seeds"] for m in METHODS]
@@ -589,6 +713,10 @@ def main(argv=None):
                   held_out=len(held_idx), split_seed=SPLIT_SEED, held_out_fraction=HELD_OUT_FRACTION),
         judge=dict(network="DigitCNN (3 conv layers, 64-d pooled features), trained on the training split",
                    **judge_info),
+        encoder=encoder and dict(
+            enc_type=ENCODER_NAME, enc_arch=ENCODER_ARCH, timm_layout=ENCODERS[ENCODER_NAME].timm_name,
+            repa_flags=REPA_FLAGS, training="class labels, training split only, mean-pooled patch tokens -> linear head",
+            file_sha256=encoder["sha256"], **{k: encoder[k] for k in ("made_by", "held_out_accuracy", "train_flops")}),
         wall_clock=wall_clock, seconds=round(time.time() - start, 1), records=records)
     result["summary"] = summarise(records, cfg)
     paths, sha = write_results(result, os.path.abspath(args.results))

@@ -43,20 +43,61 @@ def test_judge_cnn_is_accurate_on_held_out_digits(one_thread):
     assert metrics["class_consistency"] == (predictions == labels[held]).mean()
 
 
-def test_step_flops_differ_by_the_probe_branch():
+def test_step_flops_differ_by_the_probe_branch_and_repa():
     # The demo's SiT in pixel space: 64 tokens of width 96, MLP 384, 4 blocks, probe after block 2, 10 classes.
     tokens, d = 64, 96
     block = 2 * d * 6 * d + 2 * tokens * d * 3 * d + 4 * tokens * tokens * d + 2 * tokens * d * d + 4 * tokens * d * 4 * d
     assert block == 15_839_232
     probe_branch = 2 * block + 2 * d * 10
     assert de.step_flops("lsep") - de.step_flops("baseline") == 3 * 32 * probe_branch
-    # The baseline trains long enough to cover LSEP's FLOPs, in whole evaluation intervals, no longer.
+    # REPA adds the frozen digit ViT's forward (65 tokens of width 64, MLP 256, 4 blocks, 4x4x3 patches)
+    # once and the projector (96 -> 256 -> 256 -> 64 on 64 tokens) forward and backward.
+    n, e = 65, 64
+    vit_block = 2 * n * e * 3 * e + 4 * n * n * e + 2 * n * e * e + 4 * n * e * 4 * e
+    encoder = 2 * 64 * 3 * 16 * e + 4 * vit_block
+    projector = 2 * tokens * (d * 256 + 256 * 256 + 256 * e)
+    assert de.step_flops("repa") - de.step_flops("baseline") == 32 * (encoder + 3 * projector) == 2_277_539_840
+    assert de.step_flops("repa_lsep") - de.step_flops("lsep") == de.step_flops("repa") - de.step_flops("baseline")
+    # REPA + LSEP has the costliest step: it runs --steps; every other method covers its FLOPs in
+    # whole evaluation intervals, no longer.
+    assert de.budget_method() == "repa_lsep"
     cfg = dict(steps=1000, eval_every=200)
-    assert de.method_steps("lsep", cfg) == 1000
-    base = de.method_steps("baseline", cfg)
-    assert base % 200 == 0 and base * de.step_flops("baseline") >= 1000 * de.step_flops("lsep")
-    assert (base - 200) * de.step_flops("baseline") < 1000 * de.step_flops("lsep")
-    assert base == 1600
+    assert de.method_steps("repa_lsep", cfg) == 1000
+    budget = 1000 * de.step_flops("repa_lsep")
+    for method, want in (("baseline", 2000), ("lsep", 1400), ("repa", 1400)):
+        steps = de.method_steps(method, cfg)
+        assert steps % 200 == 0 and steps * de.step_flops(method) >= budget
+        assert (steps - 200) * de.step_flops(method) < budget
+        assert steps == want, method
+    assert de.method_flags("repa", "/e.pt") == ["--no-probe", "--enc-type", "custom-vit=/e.pt", *de.REPA_FLAGS]
+    assert de.method_flags("lsep", "/e.pt") == []
+
+
+def test_digit_encoder_is_trained_recorded_and_refused_when_made_otherwise(tmp_path, one_thread):
+    """REPA's encoder: trained on the training split, saved as train.py loads it (its tokens are the
+    trained ViT's), reused by a rerun only when made the same way."""
+    import torch
+    from models.encoders import load_encoders, parse_arch_overrides
+
+    images, labels = demo.digit_images()
+    train, held = de.held_out_split(labels)
+    vit, head = de.train_digit_encoder(images[train], labels[train], epochs=3)
+    assert de.encoder_accuracy(vit, head, images[held], labels[held]) > 0.2  # chance is 0.1 (3 epochs: ~0.3)
+    record = de.prepare_encoder(str(tmp_path), images, labels, train, held, epochs=3)
+    with open(record["file"], "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == record["sha256"]
+    assert record["held_out_accuracy"] == de.encoder_accuracy(vit, head, images[held], labels[held])  # deterministic
+    encoder = load_encoders(f"custom-vit={record['file']}", 32, **parse_arch_overrides(de.ENCODER_ARCH))[0]
+    batch = torch.as_tensor(images[held[:4]]).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        want = vit.forward_features(encoder.preprocess(batch))[:, 1:]
+    torch.testing.assert_close(encoder(batch), want)
+    assert encoder(batch).shape == (4, 64, 64)  # 8x8 tokens, the SiT-S/4 grid
+    mtime = os.path.getmtime(record["file"])
+    assert de.prepare_encoder(str(tmp_path), images, labels, train, held, epochs=3) == record
+    assert os.path.getmtime(record["file"]) == mtime  # reused, not retrained
+    with pytest.raises(SystemExit, match="was made by .*'epochs': 3.*not .*'epochs': 4.*delete"):
+        de.prepare_encoder(str(tmp_path), images, labels, train, held, epochs=4)
 
 
 def test_at_flops_interpolates_linearly_between_checkpoints():
@@ -68,11 +109,11 @@ def test_at_flops_interpolates_linearly_between_checkpoints():
         de.at_flops(flops, values, 31.0)
 
 
-def synthetic_records(seeds=(0, 1, 2), eval_every=200, lsep_steps=1000):
+def synthetic_records(seeds=(0, 1, 2), eval_every=200, budget_steps=1000):
     """Records whose metrics are linear in FLOPs plus the seed, so every summary number is known."""
     records = []
     for method in de.METHODS:
-        steps = de.method_steps(method, dict(steps=lsep_steps, eval_every=eval_every))
+        steps = de.method_steps(method, dict(steps=budget_steps, eval_every=eval_every))
         for seed in seeds:
             for step in range(eval_every, steps + 1, eval_every):
                 flops = step * de.step_flops(method)
@@ -94,14 +135,14 @@ def test_summary_means_stds_and_equal_flops_values():
         expected = 1000 * de.step_flops(method) / 1e13 + 1
         mean, std = last_steps[f"{method}:frechet_distance"]
         assert mean == pytest.approx(10 * expected) and std == pytest.approx(10.0)
-        # At equal FLOPs both are read at LSEP's budget: the linear curve gives the same value for both.
-        budget = 1000 * de.step_flops("lsep")
+        # At equal FLOPs all are read at REPA + LSEP's budget: the linear curve gives the same value for all.
+        budget = 1000 * de.step_flops("repa_lsep")
         mean, std = last_flops[f"{method}:class_consistency"]
         assert mean == pytest.approx((budget / 1e13 + 1) / 30) and std == pytest.approx(1 / 30)
         mean, _ = last_flops[f"{method}:probe_t0.5_b3"]
         assert mean == pytest.approx((budget / 1e13 + 1) / 40 + 0.02)
         assert last_flops[f"{method}_steps"] == pytest.approx(budget / de.step_flops(method))
-    assert [row["step"] for row in summary["per_method"]["baseline"]] == list(range(200, 1601, 200))
+    assert [row["step"] for row in summary["per_method"]["baseline"]] == list(range(200, 2001, 200))
 
 
 def test_results_are_written_together_and_stamped_with_the_json_hash(tmp_path):
@@ -157,9 +198,20 @@ def test_quick_pipeline_runs_and_metrics_are_finite_and_in_range(quick_result):
         assert f"{method}-seed{seeds[0]}-{steps:07d}" in npz
     judge = result["judge"]
     assert 0.1 <= judge["held_out_accuracy"] <= 1.0 and judge["real_frechet_distance"] >= 0
-    # The baseline's training FLOPs cover LSEP's, so the equal-FLOPs table is read inside its curve.
+    # Every method's training FLOPs cover REPA + LSEP's, so the equal-FLOPs table is read inside each curve.
     last = result["summary"]["equal_flops"][-1]
-    assert last["baseline_steps"] <= cfg["method_steps"]["baseline"]
+    for method in de.METHODS:
+        assert last[f"{method}_steps"] <= cfg["method_steps"][method]
+    # The REPA runs aligned to the digit encoder this run trained; the others did not align.
+    import torch
+    for method in de.METHODS:
+        ckpt = torch.load(out / "work" / "exps" / f"{method}-seed{seeds[0]}" / "checkpoints" / "0000005.pt",
+                          map_location="cpu", weights_only=False)
+        assert ckpt["config"].get("enc_type") == (("custom-vit",) if de.METHODS[method]["repa"] else None), method
+        assert ckpt["config"]["probe"] == de.METHODS[method]["probe"]
+    encoder = result["encoder"]
+    assert 0.0 <= encoder["held_out_accuracy"] <= 1.0 and encoder["enc_arch"] == de.ENCODER_ARCH
+    assert encoder["made_by"]["train_digits"] == 1258
     for key, value in last.items():
         if ":" in key:
             assert all(np.isfinite(value)) and value[1] >= 0
