@@ -159,6 +159,19 @@ def cnn_inputs(images):
     return torch.as_tensor(images).float().mean(-1)[:, None] / 127.5 - 1
 
 
+def shifted_batches(x, epochs, batch_size, gen, fill):
+    """Epochs of shuffled mini-batches of ``x`` (N, C, H, W), each moved by one random shift of up
+    to 2 pixels (borders ``fill``): yields (indices, shifted batch)."""
+    padded = F.pad(x, (2, 2, 2, 2), value=fill)
+    side = x.shape[-1]
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), batch_size):
+            idx = order[start:start + batch_size]
+            dx, dy = torch.randint(0, 5, (2,), generator=gen).tolist()
+            yield idx, padded[idx, :, dy:dy + side, dx:dx + side]
+
+
 def train_digit_cnn(images, labels, epochs, seed=0, batch_size=16):
     """Adam with a one-cycle learning rate on the training digits, random 2-pixel shifts per batch;
     deterministic for a seed (10 epochs: ~98% on the held-out digits, ~10 s on one core)."""
@@ -168,19 +181,13 @@ def train_digit_cnn(images, labels, epochs, seed=0, batch_size=16):
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3,
                                                    total_steps=epochs * math.ceil(len(images) / batch_size))
-    x, y = cnn_inputs(images), torch.as_tensor(labels)
-    padded = F.pad(x, (2, 2, 2, 2), value=-1.0)
-    side = x.shape[-1]
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for start in range(0, len(x), batch_size):
-            idx = order[start:start + batch_size]
-            dx, dy = torch.randint(0, 5, (2,), generator=gen).tolist()
-            loss = F.cross_entropy(model(padded[idx, :, dy:dy + side, dx:dx + side]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    y = torch.as_tensor(labels)
+    for idx, batch in shifted_batches(cnn_inputs(images), epochs, batch_size, gen, fill=-1.0):
+        loss = F.cross_entropy(model(batch), y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
     return model.eval().requires_grad_(False)
 
 
@@ -227,19 +234,13 @@ def train_digit_encoder(images, labels, epochs, seed=0, batch_size=32):
                                                    total_steps=epochs * math.ceil(len(images) / batch_size))
     x = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, 32, 32), as train.py's batches
     y = torch.as_tensor(labels)
-    padded = F.pad(x, (2, 2, 2, 2))
-    side = x.shape[-1]
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for start in range(0, len(x), batch_size):
-            idx = order[start:start + batch_size]
-            dx, dy = torch.randint(0, 5, (2,), generator=gen).tolist()
-            tokens = vit.forward_features(preprocess(padded[idx, :, dy:dy + side, dx:dx + side]))
-            loss = F.cross_entropy(head(tokens[:, vit.num_prefix_tokens:].mean(1)), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    for idx, batch in shifted_batches(x, epochs, batch_size, gen, fill=0):
+        tokens = vit.forward_features(preprocess(batch))
+        loss = F.cross_entropy(head(tokens[:, vit.num_prefix_tokens:].mean(1)), y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
     vit.eval().requires_grad_(False)
     return vit, head.requires_grad_(False)
 
