@@ -90,15 +90,28 @@ def open_dataset(args, paired=False):
         raise TrainingError(f"--data-dir {args.data_dir}: {exc}") from None
 
 
-def load_alignment_encoders(args, config, resolution, device):
+def load_alignment_encoders(args, config, resolution, device, resumed=None, resume_path=None):
     """REPA's frozen encoders of ``config.enc_type`` ([] when alignment is off), in bf16 autocast
-    when training runs in mixed precision; a missing or wrong weights file is one line."""
+    when training runs in mixed precision, and their record for the checkpoints' provenance (name
+    and weights hash each). A missing or wrong weights file is one line, and so are weights other
+    than those a resumed checkpoint was trained with (its alignment targets would change)."""
+    from models.checkpoint import weights_sha256
+
     amp_dtype = torch.bfloat16 if args.mixed_precision != "no" else None
     try:
-        return training_encoders(config, args.enc_type, args.enc_path, resolution, device, amp_dtype,
-                                 args.enc_download, args.enc_arch)
+        encoders = training_encoders(config, args.enc_type, args.enc_path, resolution, device, amp_dtype,
+                                     args.enc_download, args.enc_arch)
     except (EncoderWeightsMissing, EncoderWeightsError, ValueError) as exc:
         raise TrainingError(str(exc)) from None
+    records = [{"name": e.name, "arch": args.enc_arch or None, "weights_sha256": weights_sha256(e.vit.state_dict())}
+               for e in encoders]
+    before = ((resumed or {}).get("provenance") or {}).get("encoders") or []  # none: made before this record
+    for now, then in zip(records, before):
+        if now["weights_sha256"] != then["weights_sha256"]:
+            raise TrainingError(f"--enc-type {now['name']}: the weights given (sha256 {now['weights_sha256'][:12]}) "
+                                f"are not the ones {resume_path} was trained with ({then['weights_sha256'][:12]}); "
+                                "pass that encoder's file, or start a new run")
+    return encoders, records
 
 
 def data_geometry(args, dataset, vae):
@@ -354,7 +367,8 @@ def main(args):
                             f"of {args.data_dir} (labels up to {int(dataset.labels.max())})")
     if config.aligned and args.vae != "none" and not dataset.return_images:  # resumed REPA run without --enc-type
         dataset = open_dataset(args, paired=True)
-    encoders = load_alignment_encoders(args, config, dataset.resolution, device)  # REPA; [] when off
+    encoders, encoder_records = load_alignment_encoders(args, config, dataset.resolution, device, resumed,
+                                                        resume_path)  # REPA; [] when off
     model, ema, optimizer = build_model_and_optimizer(args, config, device)
     init_record = None  # --init-from: weights of another run (a resumed run has its own)
     if args.init_from and resumed is None:
@@ -380,6 +394,7 @@ def main(args):
         remove_checkpoints(checkpoint_dir, log=logger.warning)
     provenance = run_provenance(resumed and resumed.get("provenance"), args, dataset, accelerator)
     provenance["init_from"] = init_record or ((resumed or {}).get("provenance") or {}).get("init_from")
+    provenance["encoders"] = encoder_records or None  # REPA: what the alignment targets came from
     posthoc = None  # post-hoc EMA profiles, on the main process (updated after every step)
     if args.posthoc_ema_sigma_rels and is_main:
         posthoc = PosthocTracking(unwrap_model(model), parse_sigma_rels(args.posthoc_ema_sigma_rels),

@@ -406,6 +406,28 @@ def test_repa_flags_are_checked(files, tmp_path):
         run(train_argv(files, tmp_path, "plain", "repa_lsep", "--max-train-steps", 2, "--resume-step", 1))
 
 
+def test_encoder_weights_are_recorded_and_a_resume_with_others_is_refused(files, tmp_path):
+    from models.checkpoint import weights_sha256
+
+    run(train_argv(files, tmp_path, "rec", "repa", "--max-train-steps", 1))
+    recorded = ckpt(tmp_path, "rec", 1)["provenance"]["encoders"]
+    loaded = enc.load_encoders(f"dinov2-vit-b={files['weights']}", RES, **TINY_ENC)[0]
+    assert recorded == [{"name": "dinov2-vit-b", "arch": ENC_ARCH, "weights_sha256": weights_sha256(loaded.vit.state_dict())}]
+    # the same weights resume (and are recorded again); other weights of the same shape are one line
+    run(train_argv(files, tmp_path, "rec", "repa", "--max-train-steps", 2, "--resume-step", 1))
+    assert ckpt(tmp_path, "rec", 2)["provenance"]["encoders"] == recorded
+    other = tmp_path / "other.pth"
+    torch.save(tiny_vit("dinov2-vit-b", 2).state_dict(), other)
+    argv = train_argv(files, tmp_path, "rec", "repa", "--max-train-steps", 3, "--resume-step", 2)
+    argv[argv.index("--enc-path") + 1] = str(other)
+    with pytest.raises(train.TrainingError, match=r"--enc-type dinov2-vit-b: the weights given .* are not the ones "
+                                                  r".*0000002.pt was trained with"):
+        run(argv)
+    assert ckpt(tmp_path, "rec", 2)["provenance"]["encoders"] == recorded and \
+        not os.path.exists(tmp_path / "rec" / "checkpoints" / "0000003.pt")
+    run(train_argv(files, tmp_path, "none", "lsep", "--max-train-steps", 1))
+    assert ckpt(tmp_path, "none", 1)["provenance"]["encoders"] is None
+
 def test_two_processes_equal_one_process_with_accumulation_repa_lsep(files, tmp_path):
     torchrun_train(train_argv(files, tmp_path, "two", "repa_lsep", "--max-train-steps", 2))
     run(train_argv(files, tmp_path, "accum", "repa_lsep", "--max-train-steps", 2, "--gradient-accumulation-steps", 2,
