@@ -54,6 +54,7 @@ import demo  # noqa: E402  (the digits, the model and the recipe: one source of 
 from evaluator.metrics import feature_statistics, frechet_distance, precision_recall  # noqa: E402
 from models.encoders import ENCODERS, Encoder, create_vit, parse_arch_overrides  # noqa: E402
 from models.flops import SiTFlopsConfig, encoder_forward_flops, repa_train_step_flops, train_step_flops  # noqa: E402
+from train_utils import code_version  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPLIT_SEED = 0            # the held-out split is the same for every seed and method
@@ -407,7 +408,8 @@ def probe_top1(ckpt, probe_data, method):
 def evaluate_run(out, data_dir, method, seed, cfg, judge):
     """Train one (method, seed) run, then measure each of its checkpoints; returns the records."""
     steps = method_steps(method, cfg)
-    ckpt_dir, ms_per_step = train_run(out, data_dir, method, seed, steps, cfg["eval_every"], judge["encoder"]["file"])
+    ckpt_dir, ms_per_step = train_run(out, data_dir, method, seed, steps, cfg["eval_every"],
+                                      (judge["encoder"] or {}).get("file"))
     records = []
     for step in range(cfg["eval_every"], steps + 1, cfg["eval_every"]):
         path = os.path.join(out, "metrics", f"{method}-seed{seed}-{step:07d}.json")
@@ -660,6 +662,7 @@ def main(argv=None):
     os.makedirs(os.path.join(out, "metrics"), exist_ok=True)
     torch.set_num_threads(1 if cfg["jobs"] > 1 else torch.get_num_threads())
     start = time.time()
+    measured_before = set(os.listdir(os.path.join(out, "metrics")))  # a rerun reuses these
 
     images, labels = demo.digit_images()
     train_idx, held_idx = held_out_split(labels)
@@ -718,7 +721,10 @@ def main(argv=None):
             enc_type=ENCODER_NAME, enc_arch=ENCODER_ARCH, timm_layout=ENCODERS[ENCODER_NAME].timm_name,
             repa_flags=REPA_FLAGS, training="class labels, training split only, mean-pooled patch tokens -> linear head",
             file_sha256=encoder["sha256"], **{k: encoder[k] for k in ("made_by", "held_out_accuracy", "train_flops")}),
-        wall_clock=wall_clock, seconds=round(time.time() - start, 1), records=records)
+        wall_clock=wall_clock, seconds=round(time.time() - start, 1), records=records,
+        invocation=dict(code=code_version(ROOT), records_reused=sum(
+            f"{r['method']}-seed{r['seed']}-{r['step']:07d}.json" in measured_before for r in records),
+            note="seconds: this invocation; records_reused: checkpoints measured by an earlier invocation over --out"))
     result["summary"] = summarise(records, cfg)
     paths, sha = write_results(result, os.path.abspath(args.results))
     with open(paths["md"]) as f:

@@ -209,6 +209,7 @@ def test_quick_pipeline_runs_and_metrics_are_finite_and_in_range(quick_result):
                           map_location="cpu", weights_only=False)
         assert ckpt["config"].get("enc_type") == (("custom-vit",) if de.METHODS[method]["repa"] else None), method
         assert ckpt["config"]["probe"] == de.METHODS[method]["probe"]
+    assert result["invocation"]["records_reused"] == 0 and len(result["invocation"]["code"]) >= 40
     encoder = result["encoder"]
     assert 0.0 <= encoder["held_out_accuracy"] <= 1.0 and encoder["enc_arch"] == de.ENCODER_ARCH
     assert encoder["made_by"]["train_digits"] == 1258
