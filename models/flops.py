@@ -190,6 +190,7 @@ def repa_train_step_flops(cfg, enc_type, resolution=256, batch=1, projector_dim=
     return (encoder_forward_flops(names, resolution, batch, arch)
             + 3 * projector_forward_flops(cfg.hidden_size, z_dims, tokens, projector_dim, batch))
 
+
 if __name__ == "__main__":
     for name in ("SiT-B/2", "SiT-L/2", "SiT-XL/2"):
         cfg = SiTFlopsConfig.from_name(name)
