@@ -1,7 +1,7 @@
 """The paper's claim in miniature, measured: SiT baseline, LSEP, REPA and REPA + LSEP on real digits.
 
-    python experiments/digits_evidence.py            # full: 3 seeds, ~35-45 min on 2 CPU cores
-    python experiments/digits_evidence.py --quick    # the CI version (about a minute)
+    python experiments/digits_evidence.py            # full: 4 methods x 3 seeds, ~35 min on 2 CPU cores
+    python experiments/digits_evidence.py --quick    # the CI version (about 1.5 minutes)
 
 Data: scikit-learn's 1797 digits, upscaled to 32x32 RGB as demo.py does (pixel space, no VAE),
 split once (seed 0, stratified) into a training split, the only digits the generative models and
@@ -77,6 +77,7 @@ METHODS = {
 ENCODER_NAME = "custom-vit"
 ENCODER_ARCH = "embed_dim=64,depth=4,num_heads=4,patch_size=4"
 ALIGN_DEPTH, PROJECTOR_DIM = 1, 256
+ENCODER_LR, ENCODER_SEED = 1e-3, 0  # its training (train_digit_encoder); epochs are in SETTINGS
 REPA_FLAGS = ["--enc-arch", ENCODER_ARCH, "--align-depth", str(ALIGN_DEPTH), "--projector-dim", str(PROJECTOR_DIM)]
 
 SETTINGS = {  # full run (default) and --quick (CI)
@@ -216,7 +217,7 @@ def sample_metrics(cnn, ref_stats, ref_features, samples, sample_labels):
 #              REPA's "external" encoder: a small ViT on the same digits        #
 #################################################################################
 
-def train_digit_encoder(images, labels, epochs, seed=0, batch_size=32):
+def train_digit_encoder(images, labels, epochs, seed=ENCODER_SEED, batch_size=32):
     """The ViT REPA aligns to, trained with class labels on the training digits only.
 
     Built as train.py builds ``--enc-type custom-vit --enc-arch ENCODER_ARCH`` and fed through
@@ -230,8 +231,8 @@ def train_digit_encoder(images, labels, epochs, seed=0, batch_size=32):
     vit.requires_grad_(True).train()
     head = nn.Linear(vit.embed_dim, demo.NUM_CLASSES)
     params = list(vit.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3,
+    optimizer = torch.optim.AdamW(params, lr=ENCODER_LR, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=ENCODER_LR,
                                                    total_steps=epochs * math.ceil(len(images) / batch_size))
     x = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, 32, 32), as train.py's batches
     y = torch.as_tensor(labels)
@@ -257,23 +258,30 @@ def encoder_accuracy(vit, head, images, labels):
 
 def prepare_encoder(out, images, labels, train_idx, held_idx, epochs):
     """The encoder's weights file under ``out`` (trained once; a rerun reuses it only if it was
-    made the same way) and its record: file, sha256, held-out accuracy, training FLOPs."""
+    made the same way, file unchanged) and its record: file, sha256, held-out accuracy, training FLOPs."""
     path = os.path.join(out, "encoder", f"{ENCODER_NAME}.pt")
-    made_by = dict(arch=ENCODER_ARCH, epochs=epochs, seed=0, train_digits=len(train_idx), lr=1e-3)
+    made_by = dict(arch=ENCODER_ARCH, epochs=epochs, seed=ENCODER_SEED, train_digits=len(train_idx), lr=ENCODER_LR)
     record_path = path + ".json"
+
+    def file_sha256():
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
     if os.path.isfile(record_path):
         with open(record_path) as f:
             record = json.load(f)
         if record["made_by"] != made_by:
             sys.exit(f"digits_evidence: {path} was made by {record['made_by']}, not {made_by}; delete {out} "
                      "(its REPA runs used that encoder) or pick a new --out")
+        if not os.path.isfile(path) or file_sha256() != record["sha256"]:
+            sys.exit(f"digits_evidence: {path} is missing or not the file {record_path} records; delete {out} "
+                     "(its REPA runs used the recorded encoder) or pick a new --out")
         return record
     vit, head = train_digit_encoder(images[train_idx], labels[train_idx], epochs)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(vit.state_dict(), path + ".tmp")  # the file train.py loads: timm keys, no head
     os.replace(path + ".tmp", path)
-    with open(path, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
+    sha = file_sha256()
     arch = parse_arch_overrides(ENCODER_ARCH)
     record = dict(file=path, sha256=sha, made_by=made_by,
                   held_out_accuracy=encoder_accuracy(vit, head, images[held_idx], labels[held_idx]),

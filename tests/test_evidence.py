@@ -98,6 +98,9 @@ def test_digit_encoder_is_trained_recorded_and_refused_when_made_otherwise(tmp_p
     assert os.path.getmtime(record["file"]) == mtime  # reused, not retrained
     with pytest.raises(SystemExit, match="was made by .*'epochs': 3.*not .*'epochs': 4.*delete"):
         de.prepare_encoder(str(tmp_path), images, labels, train, held, epochs=4)
+    torch.save(vit.state_dict() | {"extra": torch.zeros(1)}, record["file"])  # the file replaced behind its record
+    with pytest.raises(SystemExit, match="is missing or not the file .* records"):
+        de.prepare_encoder(str(tmp_path), images, labels, train, held, epochs=3)
 
 
 def test_at_flops_interpolates_linearly_between_checkpoints():

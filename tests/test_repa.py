@@ -394,7 +394,6 @@ def test_encoder_specs_match_timm_architectures():
                                                                              + 3 * proj)
 
 
-
 def test_enc_arch_resizes_the_counted_and_checked_encoder(tmp_path):
     """--enc-arch: the shape the FLOPs count and the grid check see before any weights load is the
     one built (a custom ViT with patch 4 on 32 px images: 8x8 tokens, as the digits SiT-S/4)."""
@@ -433,6 +432,7 @@ def test_enc_arch_resizes_the_counted_and_checked_encoder(tmp_path):
     torch.testing.assert_close(encoder(images), want)
     with pytest.raises(enc.EncoderWeightsMissing, match="custom-vit needs its weights"):
         enc.load_encoders("custom-vit", 32, **arch)
+
 
 # ---------------------------------------------------------------- paired dataset
 

@@ -428,6 +428,7 @@ def test_encoder_weights_are_recorded_and_a_resume_with_others_is_refused(files,
     run(train_argv(files, tmp_path, "none", "lsep", "--max-train-steps", 1))
     assert ckpt(tmp_path, "none", 1)["provenance"]["encoders"] is None
 
+
 def test_two_processes_equal_one_process_with_accumulation_repa_lsep(files, tmp_path):
     torchrun_train(train_argv(files, tmp_path, "two", "repa_lsep", "--max-train-steps", 2))
     run(train_argv(files, tmp_path, "accum", "repa_lsep", "--max-train-steps", 2, "--gradient-accumulation-steps", 2,
