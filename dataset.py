@@ -10,10 +10,12 @@ folder wins when both exist. Items are paired by sorted position, as in the auth
 """
 import io
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from models.vae import LATENT_DOWNSAMPLE
 from preprocessing.storage import IMAGE_SUFFIXES, LABELS_FILE, LATENT_SUFFIXES, DatasetError, FileStore
 
 IMAGES_DIR, LATENTS_DIR = "images", "vae-sd"
@@ -111,14 +113,35 @@ def _png_size(store, name):
         return img.size
 
 
+class LatentItem(NamedTuple):
+    """mode="latent": the VAE posterior moments (float32 [2C, h, w]) and the label (int64)."""
+    moments: torch.Tensor
+    label: torch.Tensor
+
+
+class ImageItem(NamedTuple):
+    """mode="pixel": the image (uint8 [3, H, W]) and the label."""
+    image: torch.Tensor
+    label: torch.Tensor
+
+
+class PairedItem(NamedTuple):
+    """mode="latent+pixel" (REPA): the image its encoders read, its latent moments, the label (the
+    authors' (image, features, label) order)."""
+    image: torch.Tensor
+    moments: torch.Tensor
+    label: torch.Tensor
+
+
 class CustomDataset(torch.utils.data.Dataset):
     """ImageNet latents (default) or pixels from a `--data-dir` laid out as in the module docstring.
 
-    mode="latent": item = (moments float32 [2C,h,w], label int64); only vae-sd/ is read, and
+    Items are named tuples (batched by DataLoader into the same type):
+    mode="latent": ``LatentItem(moments float32 [2C,h,w], label int64)``; only vae-sd/ is read, and
         images/ is checked against it when present. return_images=True adds the uint8 image
-        [3,H,W] first, as the authors' dataset: (image, moments, label).
-    mode="pixel": item = (image uint8 [3,H,W], label); only images/ is needed (small sets, no VAE).
-    mode="latent+pixel": item = (image uint8 [3,H,W], moments, label), the same as mode="latent" with
+        [3,H,W] first, as the authors' dataset: ``PairedItem(image, moments, label)``.
+    mode="pixel": ``ImageItem(image uint8 [3,H,W], label)``; only images/ is needed (small sets, no VAE).
+    mode="latent+pixel": ``PairedItem(image uint8 [3,H,W], moments, label)``, the same as mode="latent" with
         return_images=True: REPA's encoders read the image next to its latent. Both folders must
         list the same items (count, labels and the index in each file name), checked at start-up.
     check_all_headers: parse every .npy header at start-up (one small read per file, minutes for
@@ -183,8 +206,6 @@ class CustomDataset(torch.utils.data.Dataset):
         if self.image_shape is not None:
             self.resolution = self.image_shape[1]
         else:
-            from models.vae import LATENT_DOWNSAMPLE
-
             factor = (self.vae_record or {}).get("downsample_factor", LATENT_DOWNSAMPLE)  # older encodes: SD-VAE's
             self.resolution = self.latent_shape[1] * factor
 
@@ -299,7 +320,7 @@ class CustomDataset(torch.utils.data.Dataset):
     def __getitem__(self, idx):
         label = torch.tensor(self.labels[idx])
         if self.mode == "pixel":
-            return self._image(idx), label
+            return ImageItem(self._image(idx), label)
         if self.return_images:
-            return self._image(idx), self._moments(idx), label
-        return self._moments(idx), label
+            return PairedItem(self._image(idx), self._moments(idx), label)
+        return LatentItem(self._moments(idx), label)

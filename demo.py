@@ -31,6 +31,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from sampling.seeds import sample_labels
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NUM_CLASSES = 10
 RESOLUTION = 32
@@ -210,13 +212,13 @@ def main(argv=None):
         import generate
         npz = generate.main(generate.parse_args(gen_argv + ["--print-npz-path"])) + ".npz"
         samples = np.load(npz)["arr_0"]
-        sample_labels = generate.sample_labels(cfg["samples"], NUM_CLASSES, args.seed, balanced=True).numpy()
+        cond_labels = sample_labels(cfg["samples"], NUM_CLASSES, args.seed, balanced=True).numpy()
         grid = os.path.join(out, f"grid_{name}.png")
-        class_grid(samples, sample_labels, grid)
+        class_grid(samples, cond_labels, grid)
 
         # 4. class consistency
         print(f"== 4/6 class consistency ({name})")
-        consistency = class_consistency(clf, samples, sample_labels)
+        consistency = class_consistency(clf, samples, cond_labels)
 
         # 5. linear separability per block
         print(f"== 5/6 linear probe per block ({name})")

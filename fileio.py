@@ -13,6 +13,8 @@ import shutil
 import socket
 import time
 
+from errors import UserError
+
 TEMP_PREFIX = ".tmp-"
 # Temporaries of another host cannot be checked for a live owner: removed only when this old.
 FOREIGN_TEMP_AGE_S = 24 * 3600
@@ -25,7 +27,7 @@ _LEGACY_PID_LAST = re.compile(r".+\.npz\.tmp-(\d+)")       # generate.py npz: <f
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class OutputError(RuntimeError):
+class OutputError(UserError, RuntimeError):
     """An output the user must fix (folder not writable, disk full); the message is one line."""
 
 

@@ -1,18 +1,43 @@
-"""Flow-matching loss plus the LSEP probe loss (``LSEP_SPEC.md`` section 4) and REPA's alignment loss.
+"""Flow-matching loss plus the LSEP probe loss and REPA's alignment loss (docs/method.md, "Loss").
 
 ``interpolant`` is the one definition of the path x_t = alpha_t x + sigma_t e; the samplers
-import it from here.
+import it from here. The loss returns a ``LossTerms`` record: a new term is a new field there,
+and the training loop, its statistics and ``stats.jsonl`` follow it (``LOG_NAMES``).
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from models.config import PATH_TYPES
 from models.repa import per_sample_alignment
 
-PATH_TYPES = ("linear", "cosine")
-WEIGHTINGS = ("uniform", "lognormal")
-WEIGHTS_TYPES = ("constant", "steps")
+WEIGHTINGS = ("uniform", "lognormal")    # --weighting: how training times are drawn
+WEIGHTS_TYPES = ("constant", "steps")    # --weights-type: how the probe loss is weighted over time
+
+
+class LossTerms(NamedTuple):
+    """The terms of one loss evaluation (the same four fields whatever the method).
+
+    ``denoising``: per-sample squared error (B,), or its mean once reduced; ``probe``: the
+    already weighted probe cross-entropy (scalar, 0 without a probe); ``probe_accuracy``: its
+    top-1, detached, for logging; ``alignment``: REPA's alignment loss, unweighted as REPA logs
+    it (scalar, 0 without alignment).
+    """
+    denoising: torch.Tensor
+    probe: torch.Tensor
+    probe_accuracy: torch.Tensor
+    alignment: torch.Tensor
+
+    def objective(self, proj_coeff=0.0):
+        """What is minimised: mean denoising loss + probe loss + proj_coeff x alignment."""
+        return self.denoising.mean() + self.probe + proj_coeff * self.alignment
+
+
+# LossTerms field -> its name in stats.jsonl and the trackers (REPA's and the authors' names)
+LOG_NAMES = {"denoising": "denoising_loss", "probe": "probe_loss", "probe_accuracy": "probe_accuracy",
+             "alignment": "proj_loss"}
 
 
 def interpolant(t, path_type="linear"):
@@ -55,18 +80,16 @@ def mean_flat(x):
 
 
 class LSEPLoss:
-    """``loss_fn(model, x, model_kwargs) -> (denoising_loss, probe_loss, probe_accuracy)``.
+    """``loss_fn(model, x, model_kwargs, zs=None) -> LossTerms``.
 
-    ``denoising_loss`` is per sample (B,); ``probe_loss`` is the already weighted scalar to add
-    to its mean (for ``constant``: ``weight_class`` x mean CE, the authors apply that factor in
-    train.py); ``probe_accuracy`` is a detached scalar for logging. The probe loss uses the true
-    label even where the probe branch saw the null label. Both are zero tensors when the model
-    returns no probe logits.
+    ``denoising`` is per sample (B,); ``probe`` is the already weighted scalar to add to its
+    mean (for ``constant``: ``weight_class`` x mean CE, a factor the authors apply in their
+    train.py). The probe loss uses the true label even where the probe branch saw the null
+    label; probe terms are zero when the model returns no probe logits.
 
-    REPA (``loss_fn(model, x, model_kwargs, zs=encoder_tokens)``): with ``zs`` (a list of the
-    frozen encoders' (B, T, z_dim) tokens, empty when alignment is off) a fourth value is
-    returned, the alignment loss as REPA logs it (``proj_loss``, unweighted: the mean over
-    tokens, samples and encoders of -cos, in float32; train.py multiplies it by --proj-coeff).
+    REPA: ``zs`` is a list of the frozen encoders' (B, T, z_dim) tokens (empty or None when
+    alignment is off); ``alignment`` is then the mean over tokens, samples and encoders of -cos,
+    in float32 (the training loop multiplies it by --proj-coeff).
     """
 
     def __init__(self, prediction="v", path_type="linear", weighting="uniform", weights_type="constant",
@@ -115,14 +138,12 @@ class LSEPLoss:
             ce = F.cross_entropy(probe_logits.float(), labels, reduction="none")
             probe_loss = (self.probe_weights(t) * ce).mean()
             probe_accuracy = (probe_logits.detach().argmax(dim=1) == labels).float().mean()
-        if zs is None and not projected:
-            return denoising_loss, probe_loss, probe_accuracy
         if bool(projected) != bool(zs):
             raise ValueError("REPA alignment needs both the model's projectors (--enc-type when it was built) and "
                              f"the encoders' tokens: got {len(projected)} projector outputs and "
                              f"{len(zs or [])} encoder token sets")
-        proj_loss = per_sample_alignment(projected[0], zs).mean() if zs else zero
-        return denoising_loss, probe_loss, probe_accuracy, proj_loss
+        alignment = per_sample_alignment(projected[0], zs).mean() if zs else zero
+        return LossTerms(denoising_loss, probe_loss, probe_accuracy, alignment)
 
 
 LSEP_Loss = LSEPLoss  # the authors' name

@@ -68,7 +68,7 @@ NAME_ADD="${NAME_ADD:-uncond_${UNCOND_PROB}-enc${ENC_DEPTH}-RC_${CROP_START}-lam
 SIZE="${MODEL#SiT-}"; SIZE="${SIZE%%/*}"
 EXP_NAME="${EXP_NAME:-${SIZE}-${NAME_ADD}}"  # the authors' experiment name
 
-# ---- generation (spec section 6) ----
+# ---- generation (docs/sampling.md) ----
 CKPT_STEP="${CKPT_STEP:-$MAX_STEPS}"
 CKPT="${CKPT:-${OUTPUT_DIR}/${EXP_NAME}/checkpoints/$(printf '%07d' "$CKPT_STEP").pt}"
 SAMPLE_DIR="${SAMPLE_DIR:-samples}"

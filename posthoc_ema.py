@@ -30,11 +30,11 @@ import argparse
 import math
 import os
 import re
-import sys
 
 import numpy as np
 import torch
 
+from errors import UserError, run_cli
 from models.checkpoint import CheckpointError, atomic_save, load_checkpoint_file
 
 SNAPSHOT_DIR = "posthoc-ema"              # <exp>/posthoc-ema/<step:07d>.pt
@@ -45,7 +45,7 @@ FIT_WARNING = 0.05                         # relative L2 profile error above whi
 DEFAULT_OUT = os.path.join("{exp_dir}", SNAPSHOT_DIR, "reconstructed", "{step:07d}-sigma{sigma_rel}.pt")
 
 
-class PosthocEMAError(RuntimeError):
+class PosthocEMAError(UserError, RuntimeError):
     """A problem the user can fix (flags, missing or mismatched snapshots); the message is one line."""
 
 
@@ -377,16 +377,17 @@ def default_template(exp_dir, step):
     return dict(checkpoints).get(step, checkpoints[-1][1])
 
 
-def parse_sigma_rels(values):
-    out = []
+def parse_sigma_rels(text):
+    """'0.05,0.10' (or a list of such strings, as --sigma-rel takes them) -> (0.05, 0.1); ValueError
+    with the reason otherwise (train.py's --posthoc-ema-sigma-rels and --sigma-rel here share it)."""
+    text = text if isinstance(text, str) else ",".join(map(str, text))
+    values = tuple(float(part) for part in text.split(",") if part.strip())
     for value in values:
-        for part in str(value).split(","):
-            if part.strip():
-                try:
-                    out.append(float(part))
-                except ValueError:
-                    raise PosthocEMAError(f"--sigma-rel {part!r} is not a number") from None
-    return out
+        if not 0.0 < value <= MAX_SIGMA_REL:
+            raise ValueError(f"{value} is outside (0, {MAX_SIGMA_REL:.4f}]")
+    if len(set(values)) != len(values):
+        raise ValueError("the values must be distinct")
+    return values
 
 
 def output_path(pattern, exp_dir, step, sigma_rel):
@@ -400,7 +401,10 @@ def output_path(pattern, exp_dir, step, sigma_rel):
 
 def main(argv=None):
     args = parse_args(argv)
-    sigma_rels = parse_sigma_rels(args.sigma_rel)
+    try:
+        sigma_rels = parse_sigma_rels(args.sigma_rel)
+    except ValueError as exc:
+        raise PosthocEMAError(f"--sigma-rel {' '.join(args.sigma_rel)}: {exc}") from None
     if not sigma_rels:
         raise PosthocEMAError("--sigma-rel needs at least one value, e.g. --sigma-rel 0.07")
     if len({output_path(args.out, args.exp_dir, 0, s) for s in sigma_rels}) < len(sigma_rels):
@@ -446,9 +450,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def cli(argv=None):
+    """Exit 2 with one line for what the user must fix (snapshots, template, --out, --sigma-rel)."""
+    run_cli(main, argv, prefix="posthoc_ema.py: error: ", exit_code=2)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except PosthocEMAError as exc:
-        print(f"posthoc_ema.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    cli()

@@ -17,19 +17,20 @@ the probes start from zero and are fitted full batch by L-BFGS: no randomness at
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
+from dataset import CustomDataset
+from errors import UserError, run_cli
 from loss import PATH_TYPES, interpolant
-from models.checkpoint import CheckpointError, load_model
+from models.checkpoint import load_model
 from models.config import MODEL_NAMES, ConfigError
 from models.vae import sample_posterior, uint8_to_pixels
 from seeding import derive_seed
 
 
-class ProbeError(RuntimeError):
+class ProbeError(UserError, RuntimeError):
     """A user-fixable problem (flags vs checkpoint vs data); printed as one line."""
 
 
@@ -211,8 +212,6 @@ def load_probe_model(args):
 def open_dataset(data_dir, data_mode, ckpt_in_channels=None):
     """CustomDataset in the mode the model needs: auto = pixel for 3-channel models, else latent
     when ``data_dir/vae-sd`` (or .zip) exists, else pixel. Returns (dataset, channels, side)."""
-    from dataset import CustomDataset
-
     if data_mode == "auto":
         has_latents = any(os.path.exists(os.path.join(data_dir, p)) for p in ("vae-sd", "vae-sd.zip"))
         data_mode = "pixel" if ckpt_in_channels == 3 or not has_latents else "latent"
@@ -368,13 +367,9 @@ def run(args):
 
 
 def main(argv=None):
-    from preprocessing.storage import DatasetError
-
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ProbeError, CheckpointError, ConfigError, DatasetError) as e:
-        sys.exit(f"probe.py: error: {e}")
+    """Exit 1 with one line for what the user must fix (flags, checkpoint, data, output)."""
+    return run_cli(lambda a: run(parse_args(a)), argv, prefix="probe.py: error: ", exit_code=1,
+                   message_in_exit=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""ODE (Euler/Heun) and SDE (Euler-Maruyama) samplers for velocity models (``LSEP_SPEC.md`` §6).
+"""ODE (Euler/Heun) and SDE (Euler-Maruyama) samplers for velocity models (docs/method.md, "Sampling").
 
 Same signatures and semantics as the authors' ``samplers.py``: the state is float64, the model
 sees ``latents.dtype``; classifier-free guidance runs the conditional and the null-label batch

@@ -37,7 +37,8 @@ def saved_bytes(model, loss_fn, x, y, dtype):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            denoising, probe, _ = loss_fn(model, x, dict(y=y))
+            terms = loss_fn(model, x, dict(y=y))
+            denoising, probe = terms.denoising, terms.probe
             (denoising.mean() + probe).backward()
     model.zero_grad(set_to_none=True)
     parameter_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}

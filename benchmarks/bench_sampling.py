@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from generate import Autocast  # noqa: E402
+from sampling.run import Autocast  # noqa: E402
 from models import SiT_models  # noqa: E402
 from models.checkpoint import load_model  # noqa: E402
 from models.flops import peak_flops, sit_forward_flops  # noqa: E402

@@ -15,7 +15,7 @@ Paths:
              as a second pass, crop by a Python loop over the batch, SDPA attention, fp16 autocast
              with a GradScaler, torch's default AdamW, an EMA loop over parameters; always eager.
              ``--reference-attention manual --reference-precision bf16`` gives the reference used
-             for the README figures measured before 2026-11-23.
+             for the figures measured before 2026-11-23 (benchmarks/measured/).
 
 Paths are timed interleaved (ABBA order over repetitions, medians) because other processes share
 the machine; CUDA is synchronised only around each timed group of steps.
@@ -152,8 +152,8 @@ class AlignedLoss:
 
     def __call__(self, model, x, model_kwargs):
         zs = [encoder(self.images) for encoder in self.encoders]
-        denoising, probe_loss, accuracy, proj_loss = self.loss_fn(model, x, model_kwargs, zs=zs)
-        return denoising, probe_loss + self.proj_coeff * proj_loss, accuracy
+        terms = self.loss_fn(model, x, model_kwargs, zs=zs)
+        return terms._replace(probe=terms.probe + self.proj_coeff * terms.alignment)
 
 
 def shared_copy(model):
@@ -212,7 +212,8 @@ class StepRunner:
         dtype = AMP_DTYPES[v.precision]
         with attention_kind(self.model, fused=v.attention == "sdpa"), \
                 torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            denoising, probe_loss, _ = self.loss_fn(self.forward, x, dict(y=y))
+            terms = self.loss_fn(self.forward, x, dict(y=y))
+            denoising, probe_loss = terms.denoising, terms.probe
             loss = denoising.mean() + probe_loss
         self.scaler.scale(loss).backward()
         if self.clip_grad and v.optimizer == "fused-clip" and not self.scaler.is_enabled():

@@ -57,9 +57,9 @@ if [ "$PART" = train ] || [ "$PART" = all ]; then
 fi
 
 if [ "$PART" = fair ]; then
-    # README's fp16 row: ours fp16 + GradScaler, compiled, against the same fair reference.
+    # The fp16 row of the performance tables: ours fp16 + GradScaler, compiled, against the same fair reference.
     run 200 $TRAIN --model SiT-XL/2 --precision fp16 --compare --compile --reps 3
-    # The reference the README figures before 2026-11-23 used (manual attention, same precision as ours),
+    # The reference the figures before 2026-11-23 used (manual attention, same precision as ours),
     # timed today on the same machine, so old and new ratios can be set side by side.
     run 150 $XL --compare --compile --reference-attention manual --reference-precision bf16 --reps 3
     # The models/fused.py levers without compile (what eager users get).

@@ -62,9 +62,9 @@ def step_loss(runner, x, y):
     loss_fn = runner.loss_fn
 
     def loss_and_keep(*a, **k):
-        denoising, probe_loss, accuracy = loss_fn(*a, **k)
-        captured["loss"] = denoising.detach().mean() + probe_loss.detach()
-        return denoising, probe_loss, accuracy
+        terms = loss_fn(*a, **k)
+        captured["loss"] = terms.denoising.detach().mean() + terms.probe.detach()
+        return terms
 
     runner.loss_fn = loss_and_keep
     try:

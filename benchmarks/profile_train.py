@@ -71,7 +71,8 @@ def timed_step(runner, x, y, timer):
     v = runner.variant
     timer.mark("start")
     with torch.autocast(runner.device.type, dtype=torch.bfloat16):
-        denoising, probe_loss, _ = runner.loss_fn(runner.forward, x, dict(y=y))
+        terms = runner.loss_fn(runner.forward, x, dict(y=y))
+        denoising, probe_loss = terms.denoising, terms.probe
         loss = denoising.mean() + probe_loss
     loss.backward()
     timer.mark("forward+backward")

@@ -2,11 +2,12 @@
 
 `metrics` holds the math on feature arrays, `inception` the 2015-12-05 Inception-v3
 features (torch-fidelity's TF-compatible port), `evaluator` the command line
-(`python evaluator/evaluator.py REF.npz SAMPLE.npz`). LSEP spec section 7.
+(`python evaluator/evaluator.py REF.npz SAMPLE.npz`). See docs/evaluation.md.
 """
+from errors import UserError
 
 
-class EvaluatorError(RuntimeError):
+class EvaluatorError(UserError, RuntimeError):
     """A problem the user can fix (a path, a file's format, missing weights); the CLI prints it and exits 2."""
 
 

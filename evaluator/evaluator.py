@@ -10,7 +10,7 @@ name with .txt; the output folder is checked to be writable before any work. Bot
 files hold `arr_0`: uint8 images (N, H, W, 3); the reference's precomputed `mu`, `sigma`,
 `mu_s`, `sigma_s` are used when present, and the sample's `provenance` (UTF-8 JSON in a uint8
 array, written by generate.py) is copied into the metrics JSON. Reference activations are
-cached next to the reference (REF.inception-cache.npz). LSEP spec section 7.
+cached next to the reference (REF.inception-cache.npz). The suite is described in docs/evaluation.md.
 """
 
 import argparse
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from errors import UserError, is_reporting_process
 from evaluator import EvaluatorError
 from evaluator import inception as inc
 from evaluator import metrics
@@ -418,8 +419,9 @@ def main(argv=None):
             print(format_results(results))
             json_path, txt_path = write_results(output, results)
             print(f"wrote {json_path} and {txt_path}")
-    except (EvaluatorError, OutputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:  # one line; exit status 2 (docs/faults.md)
+        if is_reporting_process():
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

@@ -3,7 +3,7 @@
 The network is torch-fidelity's TF-compatible port, `FeatureExtractorInceptionV3`
 ('inception-v3-compat'): it takes uint8 NCHW images of any size, resizes them to 299x299
 with TF1's bilinear kernel and normalises them inside forward, as ADM's graph does. One
-forward gives the three arrays ADM reads (LSEP spec section 7):
+forward gives the three arrays ADM reads (docs/method.md, "Evaluation"):
 
 - "pool":    pool_3:0, (N, 2048), for FID, precision and recall;
 - "logits":  pool_3 @ softmax weights without the bias, (N, 1008), whose softmax gives IS

@@ -1,7 +1,7 @@
 """Metric math of the ADM suite on feature arrays: FID, sFID, Inception Score, precision, recall.
 
 Each function mirrors `evaluations/evaluator.py` of openai/guided-diffusion (the numbers
-diffusion papers report, LSEP spec section 7); where this file deviates, the docstring says
+diffusion papers report, docs/evaluation.md); where this file deviates, the docstring says
 how and why. Nothing here loads images or networks, so other tools can reuse it on any
 (N, D) feature arrays.
 """

@@ -25,7 +25,7 @@ so that its training FLOPs (``models/flops.py``) cover that budget. Every checkp
 
 Results are mean and standard deviation over seeds, at equal steps and at equal training FLOPs
 (the baseline's curve interpolated linearly in FLOPs between its checkpoints), written as
-``digits_evidence.json``, ``.md`` (README-ready tables) and ``.png`` (curves vs steps and vs
+``digits_evidence.json``, ``.md`` (markdown tables) and ``.png`` (curves vs steps and vs
 FLOPs, mean line and min..max band over seeds) under ``--results``; the markdown and PNG carry
 the sha256 of the JSON they were made from. Work files (data, checkpoints, samples, per-checkpoint
 metrics) go under ``--out`` and make a rerun resume where it stopped.
@@ -54,7 +54,8 @@ import demo  # noqa: E402  (the digits, the model and the recipe: one source of 
 from evaluator.metrics import feature_statistics, frechet_distance, precision_recall  # noqa: E402
 from models.encoders import ENCODERS, Encoder, create_vit, parse_arch_overrides  # noqa: E402
 from models.flops import SiTFlopsConfig, encoder_forward_flops, repa_train_step_flops, train_step_flops  # noqa: E402
-from train_utils import code_version  # noqa: E402
+from provenance import code_version  # noqa: E402
+from sampling.seeds import sample_labels  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPLIT_SEED = 0            # the held-out split is the same for every seed and method
@@ -374,8 +375,6 @@ def train_run(out, data_dir, method, seed, steps, eval_every, encoder_file):
 
 def generate_samples(out, ckpt, method, seed, step, cfg):
     """generate.py --balanced-labels on one checkpoint: (uint8 samples, their conditioning labels)."""
-    import generate  # only for the label order, as demo.py
-
     sample_dir = os.path.join(out, "samples", f"{method}-seed{seed}-{step:07d}")
     found = glob.glob(os.path.join(sample_dir, "*.npz"))
     if len(found) != 1:
@@ -388,7 +387,7 @@ def generate_samples(out, ckpt, method, seed, step, cfg):
                    os.path.join(out, "logs", f"generate_{method}-seed{seed}-{step:07d}.log"))
         found = glob.glob(os.path.join(sample_dir, "*.npz"))
     samples = np.load(found[0])["arr_0"]
-    labels = generate.sample_labels(cfg["samples"], demo.NUM_CLASSES, seed, balanced=True).numpy()
+    labels = sample_labels(cfg["samples"], demo.NUM_CLASSES, seed, balanced=True).numpy()
     return samples, labels
 
 
@@ -532,7 +531,7 @@ def metric_label(name):
 
 
 def markdown(result, sha):
-    """README-ready tables: equal steps and equal FLOPs at the final budget, then the whole curves."""
+    """Markdown tables: equal steps and equal FLOPs at the final budget, then the whole curves."""
     s, cfg, methods = result["summary"], result["settings"], list(METHODS)
     n = len(cfg["seeds"])
     head = "| metric | " + " | ".join(METHODS[m]["label"] for m in methods) + " |\n" \

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from errors import UserError
 from fileio import atomic_write, payload_bytes
 from models.config import (DEFAULTS, MODEL_NAMES, SIT_SIZES, ConfigError, ModelConfig, config_from_sit_kwargs,
                            parse_model_name, resolve_config, resolve_crop)
@@ -28,7 +29,7 @@ MODEL_KWARGS_KEY = "model_kwargs"             # train.py stores SiT(...) kwargs 
 torch.serialization.add_safe_globals([argparse.Namespace])
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 

@@ -7,13 +7,18 @@ as ``checkpoint["config"]``; ``models.checkpoint.load_model`` rebuilds it from a
 and every tool (generate, probe, resume, benchmarks) takes the model from there. A flag that
 contradicts what a checkpoint knows is a one-line ``ConfigError`` naming both values.
 
-Adding a field (e.g. a second probe depth): add it below with its default and flag in
-``FLAGS``, validate it in ``__post_init__``, and use it in ``models/sit.py``; checkpoints
-without the field read back with its default.
+Adding a field (e.g. a second probe depth): (1) add it to ``ModelConfig`` below with its
+default; (2) add its flag to ``FLAGS`` (None if no flag sets it); (3) define that flag in
+train.py's ``parse_args`` with ``default=None`` (and in generate.py / probe.py if sampling or
+probing must be able to state it); ``given_flags`` then passes it on everywhere; (4) validate it
+in ``__post_init__``; (5) use it in ``models/sit.py``. Checkpoints without the field read back
+with its default; ``tests/test_structure.py`` fails while a field and the flags disagree.
 """
 import dataclasses
 import re
 from dataclasses import dataclass
+
+from errors import UserError
 
 # name -> (depth, hidden_size, num_heads); the single place model sizes live.
 SIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -24,22 +29,44 @@ DEFAULT_PROJECTOR_DIM = 2048  # REPA's --projector-dim
 DEFAULT_ALIGN_DEPTH = 8       # REPA's --encoder-depth (the alignment depth; ours is the probe depth)
 _MODEL_NAME = re.compile(r"^SiT-(S|B|L|XL)/(\d+)$")
 
-# config field -> the command-line flag that sets it (used in every message that names a flag)
+# config field -> the command-line flag of train.py that sets it: the one field-to-flag map. Every
+# message that names a flag, and every tool's ``given_flags`` (train.py, generate.py, probe.py take
+# the flags they define), read it. None: no flag (fixed by the weights: 4 in every SiT).
 FLAGS = {
     "model": "--model", "input_size": "--resolution", "in_channels": "--vae", "num_classes": "--num-classes",
     "depth": "--depth", "hidden_size": "--hidden-size", "num_heads": "--num-heads", "patch_size": "--patch-size",
-    "mlp_ratio": "--mlp-ratio", "class_dropout_prob": "--cfg-prob", "encoder_depth": "--encoder-depth",
+    "mlp_ratio": None, "class_dropout_prob": "--cfg-prob", "encoder_depth": "--encoder-depth",
     "uncond_prob": "--uncond-prob", "crop_start": "--crop-start", "crop_end": "--crop-end",
     "qk_norm": "--qk-norm", "path_type": "--path-type", "probe": "--probe",
     "enc_type": "--enc-type", "z_dims": "--enc-type", "projector_dim": "--projector-dim",
     "align_depth": "--align-depth",
 }
+# Fields whose flag only informs them: the input comes from the data (--resolution is in pixels,
+# --vae sets the channels), the encoder names and widths from --enc-type (models.encoders.alignment_fields).
+DERIVED_FIELDS = ("input_size", "in_channels", "enc_type", "z_dims")
+# --random-crop: not a field; a switch resolved, with --crop-start/--crop-end, into the crop window
+CROP_SWITCH = ("random_crop", "--random-crop")
 # REPA alignment fields: left out of ``to_dict`` while alignment is off, so a run without it stores
 # the same config as before they existed (and older code still reads it).
 ALIGNMENT_FIELDS = ("enc_type", "z_dims", "projector_dim", "align_depth")
 
 
-class ConfigError(ValueError):
+def flag_dest(flag):
+    """argparse's attribute name of a flag: '--cfg-prob' -> 'cfg_prob'."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+def given_flags(args):
+    """{field: value} of the FLAGS a tool's parsed ``args`` define and that set a field directly
+    (None = not given), plus the crop switch; what ``resolve_config`` takes as ``given``."""
+    out = {field: getattr(args, flag_dest(flag)) for field, flag in FLAGS.items()
+           if flag is not None and field not in DERIVED_FIELDS and hasattr(args, flag_dest(flag))}
+    if hasattr(args, CROP_SWITCH[0]):
+        out[CROP_SWITCH[0]] = getattr(args, CROP_SWITCH[0])
+    return out
+
+
+class ConfigError(UserError, ValueError):
     """A model/method setting that cannot work or contradicts a checkpoint; the message names the flag."""
 
 
@@ -49,6 +76,12 @@ def parse_model_name(name):
     if match is None or name not in MODEL_NAMES:
         raise ConfigError(f"--model {name!r} is not a SiT config; choose one of {', '.join(MODEL_NAMES)}")
     return match.group(1), int(match.group(2))
+
+
+def check_align_depth(align_depth, depth, model_name="--model"):
+    """--align-depth counts blocks from 1 (REPA's --encoder-depth, default 8)."""
+    if not 1 <= align_depth <= depth:
+        raise ConfigError(f"--align-depth {align_depth} must be in [1, {depth}] for --model {model_name}")
 
 
 def model_name_for(depth, hidden_size, num_heads, patch_size):
@@ -85,7 +118,7 @@ def resolve_crop(crop_start, crop_end, grid, random_crop=None):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A SiT + LSEP model and the method facts its weights depend on (spec sections 2-4).
+    """A SiT + LSEP model and the method facts its weights depend on (docs/method.md: "Model", "Probe branch", "Loss").
 
     Sizes default to the ``model`` entry of ``SIT_SIZES``; ``crop_start``/``crop_end`` hold the
     resolved window (None: pool all tokens). Validation happens on construction.
@@ -162,8 +195,7 @@ class ModelConfig:
             raise ConfigError(f"--enc-type {','.join(self.enc_type)} needs one positive token width per encoder, "
                               f"got z_dims {self.z_dims}")
         if self.aligned:
-            if not 1 <= self.align_depth <= self.depth:
-                raise ConfigError(f"--align-depth {self.align_depth} must be in [1, depth={self.depth}]")
+            check_align_depth(self.align_depth, self.depth, self.model)
             if self.projector_dim < 1:
                 raise ConfigError(f"--projector-dim must be >= 1, got {self.projector_dim}")
         elif (self.projector_dim, self.align_depth) != (DEFAULT_PROJECTOR_DIM, DEFAULT_ALIGN_DEPTH):
@@ -244,7 +276,9 @@ def config_from_sit_kwargs(kwargs):
     unknown = set(kwargs) - {f.name for f in dataclasses.fields(ModelConfig)}
     if unknown:
         raise TypeError(f"SiT got unexpected keyword arguments: {sorted(unknown)}")
-    defaults = {"input_size": 32, "patch_size": 2, "in_channels": 4, "hidden_size": 1152, "depth": 28, "num_heads": 16}
+    depth, hidden, heads = SIT_SIZES["XL"]  # the authors' constructor defaults: SiT-XL/2 on 32x32x4 latents
+    defaults = {"input_size": 32, "patch_size": 2, "in_channels": 4, "hidden_size": hidden, "depth": depth,
+                "num_heads": heads}
     kwargs = {**defaults, **kwargs}
     if kwargs.get("crop_start") is not None:  # the constructor's rule: a window as large as the grid is no crop
         grid = kwargs["input_size"] // kwargs["patch_size"]

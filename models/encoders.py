@@ -28,6 +28,7 @@ tokens dropped), (B, N, z_dim) with N = (R / 16) ** 2:
 The encoder is frozen: eval mode for good, ``requires_grad=False``, forward under ``no_grad``,
 and under autocast in ``amp_dtype`` (bf16 when training runs in mixed precision) if given.
 """
+import math
 import os
 import warnings
 import zipfile
@@ -42,14 +43,16 @@ from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from timm.data import OPENAI_CLIP_MEAN as CLIP_MEAN
 from timm.data import OPENAI_CLIP_STD as CLIP_STD
 
+from errors import UserError
+
 _FB = "https://dl.fbaipublicfiles.com"
 
 
-class EncoderWeightsMissing(FileNotFoundError):
+class EncoderWeightsMissing(UserError, FileNotFoundError):
     """No local weights for an encoder (and downloading is off or failed): one line, with the fix."""
 
 
-class EncoderWeightsError(ValueError):
+class EncoderWeightsError(UserError, ValueError):
     """A weights file that does not fit the encoder named in --enc-type."""
 
 
@@ -413,6 +416,22 @@ def parse_arch_overrides(text):
     return out
 
 
+def check_token_grid(encoders, sit_tokens, model_name="--model", resolution=None, arch=None):
+    """Start-up check: REPA aligns token by token, so every encoder's patch grid must equal the
+    SiT's (16x16 at 256 px: SiT-*/2 on 32x32 latents, encoders at 224 px with patch 14 or 256 px
+    with patch 16). ``encoders``: ``--enc-type`` names (with ``resolution``; checkable before any
+    weights load; ``arch``: the parsed --enc-arch) or built ``Encoder`` objects."""
+    for enc in encoders:
+        name = enc if isinstance(enc, str) else enc.name
+        tokens = encoder_grid(encoder_spec(name, arch), resolution) ** 2 if isinstance(enc, str) else enc.num_tokens
+        if tokens != sit_tokens:
+            side, sit_side = math.isqrt(tokens), math.isqrt(sit_tokens)
+            res = f" at --resolution {resolution}" if resolution else ""
+            raise ValueError(
+                f"--enc-type {name} gives {side}x{side} patch tokens{res} but --model {model_name} has "
+                f"{sit_side}x{sit_side}; REPA aligns token by token: use a patch-2 model (SiT-*/2) or drop --enc-type")
+
+
 def alignment_fields(enc_type, enc_arch=""):
     """The ModelConfig fields that ``--enc-type`` sets: the encoder names and their token widths
     (``z_dims``), or {} when the flag was not given (a resumed run keeps its checkpoint's)."""
@@ -431,8 +450,6 @@ def training_encoders(config, enc_type, enc_path, resolution, device, amp_dtype=
     --enc-type: --enc-path or torch.hub's cache). Token grids and widths are checked against the
     model: one line naming the flag.
     """
-    from models.repa import check_token_grid
-
     if not config.aligned:
         return []
     entries = parse_enc_type(enc_type or ",".join(config.enc_type), enc_path)

@@ -7,7 +7,7 @@ activations, softmax, adds, the embedding lookup and mean pooling are not. A tra
 (flash-attention backward, checkpointing) is not model work and is not counted, so MFU is the
 same for every implementation of the same math.
 
-The probe branch (``LSEP_SPEC.md`` section 3) adds, per sample, one more pass through blocks
+The probe branch (docs/method.md, "Probe branch") adds, per sample, one more pass through blocks
 1..encoder_depth (adaLN included) and the classifier; the timestep embedding is shared.
 
 For SiT-XL/2 at 256 px (32x32x4 latent) the forward is 237.3 GFLOPs without the probe, i.e.
@@ -31,12 +31,15 @@ PEAK_FLOPS = (
 )
 
 
+_XL = SIT_SIZES["XL"]
+
+
 @dataclass(frozen=True)
 class SiTFlopsConfig:
-    """The sizes that determine a SiT's FLOPs."""
-    depth: int = 28
-    hidden_size: int = 1152
-    num_heads: int = 16
+    """The sizes that determine a SiT's FLOPs (default SiT-XL/2 at 256 px)."""
+    depth: int = _XL[0]
+    hidden_size: int = _XL[1]
+    num_heads: int = _XL[2]
     patch_size: int = 2
     input_size: int = 32
     in_channels: int = 4

@@ -13,8 +13,6 @@ Generation", arXiv 2410.06940), as ``sihyun-yu/REPA`` computes them.
   training loop. Here it is always evaluated in float32 with autocast off: REPA normalised half
   precision tensors, the cause of its fp16 NaNs late in training.
 """
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -71,27 +69,3 @@ def per_sample_alignment(projected, targets):
 def alignment_loss(projected, targets, proj_coeff=0.5):
     """REPA's projection loss times ``proj_coeff``: a float32 scalar to add to the denoising loss."""
     return proj_coeff * per_sample_alignment(projected, targets).mean()
-
-
-def check_token_grid(encoders, sit_tokens, model_name="--model", resolution=None, arch=None):
-    """Start-up check: REPA aligns token by token, so every encoder's patch grid must equal the
-    SiT's (16x16 at 256 px: SiT-*/2 on 32x32 latents, encoders at 224 px with patch 14 or 256 px
-    with patch 16). ``encoders``: ``--enc-type`` names (with ``resolution``; checkable before any
-    weights load; ``arch``: the parsed --enc-arch) or built ``models.encoders.Encoder`` objects."""
-    from models.encoders import encoder_grid, encoder_spec
-
-    for enc in encoders:
-        name = enc if isinstance(enc, str) else enc.name
-        tokens = encoder_grid(encoder_spec(name, arch), resolution) ** 2 if isinstance(enc, str) else enc.num_tokens
-        if tokens != sit_tokens:
-            side, sit_side = math.isqrt(tokens), math.isqrt(sit_tokens)
-            res = f" at --resolution {resolution}" if resolution else ""
-            raise ValueError(
-                f"--enc-type {name} gives {side}x{side} patch tokens{res} but --model {model_name} has "
-                f"{sit_side}x{sit_side}; REPA aligns token by token: use a patch-2 model (SiT-*/2) or drop --enc-type")
-
-
-def check_align_depth(align_depth, depth, model_name="--model"):
-    """--align-depth counts blocks from 1 (REPA's --encoder-depth, default 8)."""
-    if not 1 <= align_depth <= depth:
-        raise ValueError(f"--align-depth {align_depth} must be in [1, {depth}] for --model {model_name}")

@@ -1,7 +1,7 @@
 """SiT (Scalable Interpolant Transformer) with the LSEP linear-probe head.
 
-Spec: ``LSEP_SPEC.md`` sections 2 and 3. The state-dict keys equal the authors'
-(``JN-Yun/LSEP`` ``models/sit_LSEP.py``), so their checkpoints load unchanged and ours load
+The model and its probe branch are described in docs/method.md ("Model", "Probe branch").
+The state-dict keys equal the authors' (``JN-Yun/LSEP`` ``models/sit_LSEP.py``), so their checkpoints load unchanged and ours load
 in their code. Differences from theirs, all numerically neutral:
 
 * the probe branch and the main branch run through blocks ``1..encoder_depth`` as one batch

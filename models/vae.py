@@ -1,15 +1,20 @@
 """The Stable Diffusion VAE: the single place that loads it and converts pixels <-> latents.
 
 Used by preprocessing (encode), train.py (sample latents from stored moments) and generate.py
-(decode samples). Conventions follow REPA / LSEP (spec section 5): pixels enter the encoder as
+(decode samples). Conventions follow REPA / LSEP (docs/method.md, "Training recipe"): pixels enter the encoder as
 x / 127.5 - 1, the dataset stores the posterior moments (mean, std) with 8 channels, and the
 diffusion model sees z = (mean + std * N(0, 1)) * 0.18215.
 """
+import hashlib
+import json
 import os
 import re
 import warnings
 
 import torch
+
+from errors import UserError
+from models.checkpoint import weights_sha256
 
 LATENT_SCALE = 0.18215  # SD-VAE latent scale (the config's scaling_factor); z = latent * LATENT_SCALE
 LATENT_CHANNELS = 4  # SD-VAE default; code should ask latent_channels(vae) instead
@@ -18,7 +23,7 @@ VAE_HUB = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse
 ENCODE_VAE = VAE_HUB["mse"]  # the VAE the authors encode ImageNet with
 
 
-class VAEWeightsMissing(RuntimeError):
+class VAEWeightsMissing(UserError, RuntimeError):
     """The VAE weights could not be found locally or fetched from the Hugging Face hub."""
 
 
@@ -146,11 +151,6 @@ def vae_identity(vae, spec) -> dict:
     """What identifies a VAE in the records of artefacts made with it (vae-sd/dataset.json, checkpoints,
     sample sets): the spec and resolved name, hashes of its config, all its weights, and its
     encoder half (``encoder.*`` + ``quant_conv.*``, which alone fixes the latents), and its geometry."""
-    import hashlib
-    import json
-
-    from models.checkpoint import weights_sha256
-
     name = VAE_HUB.get(spec, spec)
     if not _is_hub_name(name):
         name = os.path.abspath(os.path.expanduser(name))

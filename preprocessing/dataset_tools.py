@@ -14,8 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from fileio import OutputError  # noqa: E402
-from preprocessing.storage import DatasetError  # noqa: E402
+from errors import run_cli  # noqa: E402
 from preprocessing.transforms import TRANSFORMS  # noqa: E402
 
 
@@ -60,30 +59,30 @@ def build_parser():
 
 
 def main(argv=None):
+    """A UserError is printed as one line with exit status 1; anything else keeps its traceback."""
     args = build_parser().parse_args(argv)
-    user_errors = (DatasetError, OutputError)  # printed as one line, exit 1; anything else keeps its traceback
-    if args.command == "encode":  # torch/diffusers are imported only for encode
-        from models.vae import VAEWeightsMissing
-        from preprocessing.encode import encode_dataset
+    return run_cli(lambda _: run(args), None, prefix=f"dataset_tools.py {args.command}: error: ", exit_code=1,
+                   message_in_exit=True)
 
-        user_errors += (VAEWeightsMissing,)
-    try:
-        if args.command == "convert":
-            from preprocessing.convert import convert_dataset
 
-            s = convert_dataset(args.source, args.dest, resolution=args.resolution, transform=args.transform,
-                                max_images=args.max_images, workers=args.workers)
-            print(f"convert: wrote {s.written} images of {len(s.skipped) + s.written} ({s.num_classes} classes) "
-                  f"to {s.dest}; skipped {len(s.skipped)} unreadable, listed in {s.skipped_log}")
-        else:
-            s = encode_dataset(args.source, args.dest, vae=args.vae, batch_size=args.batch_size,
-                               workers=args.workers, max_images=args.max_images, device=args.device,
-                               zip_dest=args.zip)
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"encode: {s.total} latents {s.latent_shape} in {s.dest} ({s.written} written now, "
-                      f"{s.kept} already complete)" + (f"; packed into {s.zip_path}" if s.zip_path else ""))
-    except user_errors as e:
-        sys.exit(f"dataset_tools.py {args.command}: error: {e}")
+def run(args):
+    """Run the chosen command; returns 0."""
+    if args.command == "convert":
+        from preprocessing.convert import convert_dataset
+
+        s = convert_dataset(args.source, args.dest, resolution=args.resolution, transform=args.transform,
+                            max_images=args.max_images, workers=args.workers)
+        print(f"convert: wrote {s.written} images of {len(s.skipped) + s.written} ({s.num_classes} classes) "
+              f"to {s.dest}; skipped {len(s.skipped)} unreadable, listed in {s.skipped_log}")
+    else:
+        from preprocessing.encode import encode_dataset  # torch/diffusers are imported only for encode
+
+        s = encode_dataset(args.source, args.dest, vae=args.vae, batch_size=args.batch_size,
+                           workers=args.workers, max_images=args.max_images, device=args.device,
+                           zip_dest=args.zip)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"encode: {s.total} latents {s.latent_shape} in {s.dest} ({s.written} written now, "
+                  f"{s.kept} already complete)" + (f"; packed into {s.zip_path}" if s.zip_path else ""))
     return 0
 
 

@@ -8,12 +8,14 @@ import json
 import os
 import zipfile
 
+from errors import UserError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 LATENT_SUFFIXES = (".npy",)
 LABELS_FILE = "dataset.json"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A problem with dataset files that the user can fix; the message names the file and the fix."""
 
 

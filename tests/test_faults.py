@@ -1,4 +1,4 @@
-"""Fault tests (issue 13): bad data, unwritable outputs, full disks, stale temporaries, bad convert sources.
+"""Fault tests: bad data, unwritable outputs, full disks, stale temporaries, bad convert sources.
 
 Every user-caused fault must end in one line that names the file or flag and the fix, leave no
 partial output, and keep the previous good file. Read-only folders are simulated (these tests may

@@ -1,5 +1,5 @@
 """train.py --init-from (fine-tuning at another resolution), post-hoc EMA wiring, evaluation during
-training (issue 15), on CPU with tiny pixel-space models (hidden 32, depth 2, 16 and 32 px)."""
+training, on CPU with tiny pixel-space models (hidden 32, depth 2, 16 and 32 px)."""
 import filecmp
 import json
 import os
@@ -17,7 +17,7 @@ from evaluator import evaluator as evaluator_cli
 from models import ModelConfig, SiT
 from models.checkpoint import load_checkpoint_file, weights_sha256
 from test_train import NUM_LABELS, ckpt, make_pixel_data, run, stats
-from train_utils import TrainingError
+from training.errors import TrainingError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,7 +105,7 @@ def test_init_from_reads_bare_repa_style_state_dicts(tmp_path):
     """A bare state dict with DDP prefixes, REPA's projectors and no probe classifier (REPA/SiT weights)."""
     import copy
 
-    import train_eval
+    from training import init_from as train_init
 
     config = ModelConfig(model="custom", input_size=8, in_channels=3, num_classes=4, depth=2, hidden_size=32,
                          num_heads=2, patch_size=2, encoder_depth=1)
@@ -117,7 +117,7 @@ def test_init_from_reads_bare_repa_style_state_dicts(tmp_path):
     torch.manual_seed(2)
     model = SiT(config.replace(input_size=16))
     ema, before = copy.deepcopy(model), copy.deepcopy(model.state_dict())
-    record = train_eval.init_from(str(tmp_path / "repa.pt"), "ema", model, ema)
+    record = train_init.init_from(str(tmp_path / "repa.pt"), "ema", model, ema)
     assert record["which"] == "state dict" and record["steps"] is None
     assert record["skipped"] == ["classifier.0.bias: not in the source (kept at init)",
                                  "classifier.0.weight: not in the source (kept at init)",

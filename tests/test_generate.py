@@ -10,6 +10,9 @@ import torch
 
 import fileio
 import generate
+from models.vae import pixels_to_uint8
+from sampling.errors import GenerateError
+from sampling.seeds import sample_labels, sample_noise
 from models import SiT
 from models.checkpoint import atomic_save
 from samplers import euler_sampler
@@ -148,10 +151,10 @@ def test_npz_format_and_cfg_one_equals_unguided_sampler(files):
 
     # The same 12 samples by hand: per-index noise, labels from the global seed, plain Euler.
     model = files["pixel"].eval()
-    z, _ = generate.sample_noise(range(12), (3, 8, 8), 0, 0, "cpu")
-    y = generate.sample_labels(12, 4, 0)
+    z, _ = sample_noise(range(12), (3, 8, 8), 0, 0, "cpu")
+    y = sample_labels(12, 4, 0)
     x = euler_sampler(model, z, y, num_steps=5, cfg_scale=1.0)
-    np.testing.assert_array_equal(images, generate.pixels_to_uint8(x).numpy())
+    np.testing.assert_array_equal(images, pixels_to_uint8(x).numpy())
 
     # Guidance scale 3 outside its interval never runs the null label: the same images.
     no_interval = load(run_inprocess(pixel_args(files, out, 5, "--cfg-scale", "3",
@@ -174,21 +177,21 @@ def test_compile_flag_gives_the_same_images(files):
 
 
 def test_per_index_noise_and_labels():
-    z_all, eps_all = generate.sample_noise([0, 1, 2, 3], (4, 2, 2), 5, 7, "cpu")
-    z_two, eps_two = generate.sample_noise([3, 1], (4, 2, 2), 5, 7, "cpu")
+    z_all, eps_all = sample_noise([0, 1, 2, 3], (4, 2, 2), 5, 7, "cpu")
+    z_two, eps_two = sample_noise([3, 1], (4, 2, 2), 5, 7, "cpu")
     assert eps_all.shape == (5, 4, 4, 2, 2)
     torch.testing.assert_close(z_two, z_all[[3, 1]], rtol=0, atol=0)
     torch.testing.assert_close(eps_two, eps_all[:, [3, 1]], rtol=0, atol=0)
-    assert not torch.equal(generate.sample_noise([0], (4,), 0, 8, "cpu")[0], z_all[:1, :, 0, 0])
+    assert not torch.equal(sample_noise([0], (4,), 0, 8, "cpu")[0], z_all[:1, :, 0, 0])
 
-    labels = generate.sample_labels(60, 6, 0, balanced=True)
+    labels = sample_labels(60, 6, 0, balanced=True)
     assert torch.bincount(labels, minlength=6).tolist() == [10] * 6
-    assert torch.equal(labels, generate.sample_labels(60, 6, 0, balanced=True))
-    assert not torch.equal(labels, generate.sample_labels(60, 6, 1, balanced=True))
-    uniform = generate.sample_labels(1000, 6, 0)
+    assert torch.equal(labels, sample_labels(60, 6, 0, balanced=True))
+    assert not torch.equal(labels, sample_labels(60, 6, 1, balanced=True))
+    uniform = sample_labels(1000, 6, 0)
     assert uniform.min() == 0 and uniform.max() == 5
-    with pytest.raises(generate.GenerateError, match="divisible"):
-        generate.sample_labels(61, 6, 0, balanced=True)
+    with pytest.raises(GenerateError, match="divisible"):
+        sample_labels(61, 6, 0, balanced=True)
 
 
 def test_user_errors_give_one_line_and_exit_code_2(files):
@@ -203,17 +206,17 @@ def test_user_errors_give_one_line_and_exit_code_2(files):
     assert len(lines) == 1 and "--model SiT-S/8 contradicts checkpoint" in lines[0] and "depth=2" in lines[0]
     assert "Traceback" not in result.stderr
 
-    with pytest.raises(generate.GenerateError, match="divisible"):
+    with pytest.raises(GenerateError, match="divisible"):
         run_inprocess(pixel_args(files, out, 4, "--balanced-labels", "--num-fid-samples", "10"))
-    with pytest.raises(generate.GenerateError, match="--resolution 9 must be a multiple of 2"):
+    with pytest.raises(GenerateError, match="--resolution 9 must be a multiple of 2"):
         run_inprocess(pixel_args(files, out, 4, "--resolution", "9"))
-    with pytest.raises(generate.GenerateError, match="takes 8x8 inputs but --resolution 16"):
+    with pytest.raises(GenerateError, match="takes 8x8 inputs but --resolution 16"):
         run_inprocess(pixel_args(files, out, 4, "--resolution", "16"))
     run_inprocess(pixel_args(files, out, 4, "--num-fid-samples", "2", "--name_add", "settings"))
-    with pytest.raises(generate.GenerateError, match="made by something else .num_steps 5 there, 7 now"):
+    with pytest.raises(GenerateError, match="made by something else .num_steps 5 there, 7 now"):
         run_inprocess(pixel_args(files, out, 4, "--num-fid-samples", "2", "--name_add", "settings",
                                  "--num-steps", "7"))
-    with pytest.raises(generate.GenerateError, match="--num-classes 1000 contradicts checkpoint .*num_classes=4"):
+    with pytest.raises(GenerateError, match="--num-classes 1000 contradicts checkpoint .*num_classes=4"):
         run_inprocess(pixel_args(files, out, 4, "--num-classes", "1000"))
     for argv in (["--cfg-scale", "0.5", "--ckpt", "x.pt"], ["--cfg-scale", "1.5"]):
         with pytest.raises(SystemExit) as exit_info:

@@ -93,7 +93,8 @@ def test_compiled_training_loss_and_gradients_match_eager():
         torch.manual_seed(3)  # the same times, noise, label dropout and crop window in both runs
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            denoising, probe_loss, _ = loss_fn(forward, x, dict(y=y))
+            terms = loss_fn(forward, x, dict(y=y))
+            denoising, probe_loss = terms.denoising, terms.probe
             loss = denoising.mean() + probe_loss
         loss.backward()
         return loss.detach().float(), probe_loss.detach().float(), [p.grad.clone() for p in model.parameters()

@@ -94,7 +94,7 @@ def test_loss_equals_slow_reference(weights_type, path_type, weighting):
     loss_fn = LSEPLoss(path_type=path_type, weighting=weighting, weights_type=weights_type,
                        weight_class=0.05, weight_start=0.01, weight_end=0.05, n_weights=5)
     torch.manual_seed(7)
-    den, probe, acc = loss_fn(model, x, dict(y=y))
+    den, probe, acc, _ = loss_fn(model, x, dict(y=y))
     # Re-draw the same time and noise as the loss did.
     torch.manual_seed(7)
     t = sample_time(64, weighting, path_type)
@@ -112,7 +112,7 @@ def test_authors_constructor_and_no_probe_model():
 
     def no_probe(x, t, y):
         return torch.zeros_like(x), None
-    den, probe, acc = fn(no_probe, torch.ones(4, 1, 2, 2), dict(y=torch.zeros(4, dtype=torch.long)))
+    den, probe, acc, _ = fn(no_probe, torch.ones(4, 1, 2, 2), dict(y=torch.zeros(4, dtype=torch.long)))
     # v-target of the linear path is e - x; the zero prediction's loss is E[(e - 1)^2] per sample.
     assert den.shape == (4,) and probe.item() == 0 and acc.item() == 0
     with pytest.raises(ValueError, match="--weights-type"):
@@ -130,7 +130,7 @@ def test_loss_at_known_time_is_exact():
         model.t = t
         return xt, None  # predicts v = x_t
     torch.manual_seed(0)
-    den, _, _ = loss_fn(model, x, dict(y=torch.zeros(2, dtype=torch.long)))
+    den = loss_fn(model, x, dict(y=torch.zeros(2, dtype=torch.long))).denoising
     t = model.t.view(-1)
     torch.manual_seed(0)
     torch.rand(2)

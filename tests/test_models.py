@@ -276,7 +276,8 @@ def test_grad_checkpoint_gives_equal_loss_and_gradients():
         model.grad_checkpoint = checkpointed
         model.zero_grad()
         torch.manual_seed(1)
-        denoising, probe, _ = loss_fn(model.train(), x, dict(y=y))
+        terms = loss_fn(model.train(), x, dict(y=y))
+        denoising, probe = terms.denoising, terms.probe
         (denoising.mean() + probe).backward()
         results.append((denoising.detach(), probe.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                                              if p.grad is not None}))

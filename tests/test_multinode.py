@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import generate
+from sampling.identity import identity_key
 from models.checkpoint import load_checkpoint_file
 from test_train import make_pixel_data, tiny_argv
 
@@ -170,9 +170,9 @@ def test_two_nodes_sample_like_one_node_with_two_processes(trained):
     assert ref_images.shape == (6, 8, 8, 3) and ref_images.std() > 0
     for kind in ("2x1-c10d",):
         np.testing.assert_array_equal(arrays[kind][0], ref_images)
-        # the same sample-set identity (generate.identity_key leaves out the code version: others may commit
+        # the same sample-set identity (identity_key leaves out the code version: others may commit
         # between the two runs)
-        assert generate.identity_key(identity(arrays[kind][1])) == generate.identity_key(identity(ref_identity))
+        assert identity_key(identity(arrays[kind][1])) == identity_key(identity(ref_identity))
 
 
 def identity(raw):

@@ -168,7 +168,8 @@ def test_training_forward_and_loss_have_no_graph_breaks():
     x, _, y = inputs(3)
 
     def training_loss(x, y):
-        denoising, probe_loss, accuracy = loss_fn(model, x, dict(y=y))
+        terms = loss_fn(model, x, dict(y=y))
+        denoising, probe_loss, accuracy = terms.denoising, terms.probe, terms.probe_accuracy
         return denoising.mean() + probe_loss, accuracy
 
     torch._dynamo.reset()

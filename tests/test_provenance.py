@@ -1,7 +1,7 @@
 """Provenance: one ModelConfig rebuilt from any checkpoint, flags that contradict it refused, sample
 sets that know which weights and settings made them, latents that know their VAE.
 
-The first tests reproduce the three silent wrong results of issue #12 (each passed silently before):
+The first tests reproduce three silent wrong results of an earlier version (each passed silently before):
 two experiments' checkpoints of the same step sampled into one folder, a cosine-path model sampled
 and probed on the linear path, and latents of one VAE kept when re-encoding with another.
 """
@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import generate
+from sampling.errors import GenerateError
+from sampling.identity import PROVENANCE_FILE, read_npz_identity
 import probe
 import train
 from models import ModelConfig, SiT
@@ -49,7 +51,7 @@ def npz_images(folder):
 
 
 #################################################################################
-#                     The three silent paths of issue #12                       #
+#                     Three paths that once passed silently                     #
 #################################################################################
 
 def test_two_experiments_same_step_never_share_a_sample_folder(tmp_path):
@@ -59,10 +61,10 @@ def test_two_experiments_same_step_never_share_a_sample_folder(tmp_path):
     our_checkpoint(b / "0400000.pt", seed=1)
     folder = generate.main(generate.parse_args(gen_argv(a / "0400000.pt", tmp_path / "samples")))
     # B's flags name the same folder; before, this printed "nothing to do" and B was evaluated on A's samples
-    with pytest.raises(generate.GenerateError, match=r"made by something else \(checkpoint weights .*expA.*expB"):
+    with pytest.raises(GenerateError, match=r"made by something else \(checkpoint weights .*expA.*expB"):
         generate.main(generate.parse_args(gen_argv(b / "0400000.pt", tmp_path / "samples")))
     # the npz says which weights made it: the sha256 of A's EMA tensors
-    identity = generate.read_npz_identity(folder + ".npz")
+    identity = read_npz_identity(folder + ".npz")
     assert identity["checkpoint"]["weights_sha256"] == weights_sha256(model_a.state_dict())
     assert identity["checkpoint"]["run_id"] == "run0" and identity["settings"]["num_steps"] == 4
     # another --name_add gives B its own set
@@ -79,11 +81,11 @@ def test_partial_folder_is_finished_only_by_the_same_checkpoint_and_precision(tm
     partial = gen_argv(ckpt, tmp_path / "part", "--max-batches", "1")
     folder = generate.main(generate.parse_args(partial))
     assert len([n for n in os.listdir(folder) if n.endswith(".png")]) == 3
-    with pytest.raises(generate.GenerateError, match="checkpoint weights"):
+    with pytest.raises(GenerateError, match="checkpoint weights"):
         generate.main(generate.parse_args(gen_argv(other, tmp_path / "part")))
-    with pytest.raises(generate.GenerateError, match="precision tf32 there, bf16 now"):
+    with pytest.raises(GenerateError, match="precision tf32 there, bf16 now"):
         generate.main(generate.parse_args(gen_argv(ckpt, tmp_path / "part", "--precision", "bf16")))
-    with pytest.raises(generate.GenerateError, match="fused_attn True there, False now"):
+    with pytest.raises(GenerateError, match="fused_attn True there, False now"):
         generate.main(generate.parse_args(gen_argv(ckpt, tmp_path / "part", "--no-fused-attn")))
     # nothing was written by the refused runs; the matching run finishes the set exactly
     assert len([n for n in os.listdir(folder) if n.endswith(".png")]) == 3
@@ -95,8 +97,8 @@ def test_folder_without_provenance_is_refused(tmp_path):
     ckpt = tmp_path / "0000010.pt"
     our_checkpoint(ckpt)
     folder = generate.main(generate.parse_args(gen_argv(ckpt, tmp_path / "s", "--max-batches", "1")))
-    os.remove(os.path.join(folder, generate.PROVENANCE_FILE))  # as an older generate.py left it
-    with pytest.raises(generate.GenerateError, match="without a readable provenance.json"):
+    os.remove(os.path.join(folder, PROVENANCE_FILE))  # as an older generate.py left it
+    with pytest.raises(GenerateError, match="without a readable provenance.json"):
         generate.main(generate.parse_args(gen_argv(ckpt, tmp_path / "s")))
 
 
@@ -111,7 +113,7 @@ def test_cosine_model_is_sampled_on_its_own_path_without_the_flag(tmp_path):
     our_checkpoint(linear_ckpt, path_type="linear")  # same seed, same weights, other recorded path
     linear = npz_images(generate.main(generate.parse_args(gen_argv(linear_ckpt, tmp_path / "c"))))
     assert np.abs(linear.astype(int) - implicit).max() > 10
-    with pytest.raises(generate.GenerateError, match="--path-type linear contradicts checkpoint .*path_type=cosine"):
+    with pytest.raises(GenerateError, match="--path-type linear contradicts checkpoint .*path_type=cosine"):
         generate.main(generate.parse_args(gen_argv(ckpt, tmp_path / "d", "--path-type", "linear")))
 
 
@@ -322,7 +324,7 @@ def test_encode_refuses_latents_of_another_vae_and_train_checks_vae(tmp_path, fr
     # generate.py: decoding with a VAE of another encoder is refused, with the right one accepted
     ckpt = tmp_path / "vae" / "checkpoints" / "0000001.pt"
     argv = gen_argv(ckpt, tmp_path / "s", "--num-fid-samples", "2", "--per-proc-batch-size", "2")
-    with pytest.raises(generate.GenerateError, match=r"--vae .*vae_b is not the VAE of the latents"):
+    with pytest.raises(GenerateError, match=r"--vae .*vae_b is not the VAE of the latents"):
         generate.main(generate.parse_args(argv + ["--vae", vae_b]))
     folder = generate.main(generate.parse_args(argv + ["--vae", vae_a]))
     assert npz_images(folder).shape == (2, 32, 32, 3)

@@ -16,8 +16,9 @@ import torch.nn as nn
 from dataset import CustomDataset
 from models import encoders as enc
 from models.flops import SiTFlopsConfig, encoder_forward_flops, repa_train_step_flops, vit_forward_flops
-from models.repa import (alignment_loss, build_projectors, check_align_depth, check_token_grid,
-                         per_sample_alignment, project_tokens)
+from models.config import check_align_depth
+from models.encoders import check_token_grid
+from models.repa import alignment_loss, build_projectors, per_sample_alignment, project_tokens
 from preprocessing.storage import DatasetError, image_name, latent_name
 from preprocessing.synthetic import write_synthetic_dataset
 

@@ -1,4 +1,4 @@
-"""REPA and REPA + LSEP in the model, the loss and train.py (issue #14), on CPU with tiny sizes: a 2x2
+"""REPA and REPA + LSEP in the model, the loss and train.py, on CPU with tiny sizes: a 2x2
 token grid (32 px images, 4x4 latents, patch 2) and tiny random encoders saved by the test.
 
 * REPA alone equals a reference loop written from REPA's description (projector MLPs per token,

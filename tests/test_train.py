@@ -1,4 +1,4 @@
-"""train.py / train_utils.py on CPU with a tiny SiT (hidden 32, depth 2, 8x8 inputs): multi-process
+"""train.py and training/ on CPU with a tiny SiT (hidden 32, depth 2, 8x8 inputs): multi-process
 equivalence, exact resume, crash-safe checkpoints, the non-finite guard, trackers, checkpoint layout."""
 import json
 import os
@@ -11,7 +11,13 @@ import pytest
 import torch
 
 import train
-import train_utils
+import training.data_order as t_data_order
+import training.loop as t_loop
+import training.errors as t_errors
+import training.optimizer as t_optimizer
+import seeding
+import training.setup as t_setup
+import training.trackers as t_trackers
 from models import ModelConfig, SiT
 from models.checkpoint import load_checkpoint_file, load_model_weights
 
@@ -135,62 +141,62 @@ def assert_nested_equal(a, b, path="opt"):
 
 
 #################################################################################
-#                            train_utils units                                  #
+#                            training/ units                                    #
 #################################################################################
 
 def test_step_batch_sampler_shards_epochs_and_resume():
-    full = train_utils.StepBatchSampler(10, global_batch=4, num_shards=2, shards=[0, 1], seed=3)
+    full = t_data_order.StepBatchSampler(10, global_batch=4, num_shards=2, shards=[0, 1], seed=3)
     it = iter(full)
     stream = [i for _ in range(10) for i in next(it)]  # 5 steps x 2 shards x 2 = 20 samples = 2 epochs
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
     assert stream[:10] != stream[10:]  # each epoch has its own permutation
     # two processes with one shard each see exactly the two halves of every global batch
-    rank0 = iter(train_utils.StepBatchSampler(10, 4, 2, [0], seed=3))
-    rank1 = iter(train_utils.StepBatchSampler(10, 4, 2, [1], seed=3))
+    rank0 = iter(t_data_order.StepBatchSampler(10, 4, 2, [0], seed=3))
+    rank1 = iter(t_data_order.StepBatchSampler(10, 4, 2, [1], seed=3))
     for step in range(5):
         assert next(rank0) + next(rank1) == stream[4 * step:4 * step + 4]
     # resuming at step 3 continues the same stream
-    resumed = iter(train_utils.StepBatchSampler(10, 4, 2, [0, 1], seed=3, start_step=3))
+    resumed = iter(t_data_order.StepBatchSampler(10, 4, 2, [0, 1], seed=3, start_step=3))
     assert next(resumed) + next(resumed) == stream[12:16]
-    assert train_utils.derive_seed(0, 1, 2) != train_utils.derive_seed(0, 2, 1)
+    assert seeding.derive_seed(0, 1, 2) != seeding.derive_seed(0, 2, 1)
 
 
 def test_update_ema_closed_form():
     ema, model = [torch.full((3,), 2.0), torch.zeros(2)], [torch.full((3,), 4.0), torch.ones(2)]
-    train_utils.update_ema(ema, model, 0.75)
+    t_loop.update_ema(ema, model, 0.75)
     assert torch.equal(ema[0], torch.full((3,), 2.5)) and torch.equal(ema[1], torch.full((2,), 0.25))
 
 
 def test_authors_rules_classifier_lr_and_crop():
     def config_of(*flags, side=32):
-        return train_utils.training_config(train.parse_args(["--exp-name", "x", *flags]), 4, side)
+        return t_setup.training_config(train.parse_args(["--exp-name", "x", *flags]), 4, side)
 
     b2 = config_of("--model", "SiT-B/2")
-    assert train_utils.classifier_learning_rate(train.parse_args(["--exp-name", "x", "--model", "SiT-B/2"]), b2) == 3e-2
-    assert train_utils.classifier_learning_rate(train.parse_args(["--exp-name", "x"]), b2) == 3e-2  # resumed SiT-B
+    assert t_optimizer.classifier_learning_rate(train.parse_args(["--exp-name", "x", "--model", "SiT-B/2"]), b2) == 3e-2
+    assert t_optimizer.classifier_learning_rate(train.parse_args(["--exp-name", "x"]), b2) == 3e-2  # resumed SiT-B
     xl = train.parse_args(["--exp-name", "x", "--model", "SiT-XL/2"])
-    assert train_utils.classifier_learning_rate(xl, config_of("--model", "SiT-XL/2")) == 1e-4
+    assert t_optimizer.classifier_learning_rate(xl, config_of("--model", "SiT-XL/2")) == 1e-4
     args = train.parse_args(["--exp-name", "x", "--model", "SiT-B/2", "--learning-rate-class", "0.5"])
-    assert train_utils.classifier_learning_rate(args, b2) == 0.5
+    assert t_optimizer.classifier_learning_rate(args, b2) == 0.5
     # 256 px, patch 2: 16x16 tokens; crop-start 12 turns the crop on with end 17 (the authors' rule)
     config = config_of("--model", "SiT-XL/2", "--crop-start", "12")
     assert (config.crop_start, config.crop_end, config.depth, config.hidden_size) == (12, 17, 28, 1152)
     assert config_of("--model", "SiT-XL/2").crop_start is None  # default 16 = grid side: plain mean pooling
     assert (config_of("--model", "SiT-XL/2", "--crop-start", "20", side=64).crop_end) == 33  # 512 px
-    with pytest.raises(train_utils.TrainingError, match="--crop-end"):
+    with pytest.raises(t_errors.TrainingError, match="--crop-end"):
         config_of("--model", "SiT-XL/2", "--crop-start", "12", "--crop-end", "20")
-    with pytest.raises(train_utils.TrainingError, match="--model is required"):
+    with pytest.raises(t_errors.TrainingError, match="--model is required"):
         config_of()
 
 
 def test_wandb_offline_without_credentials(tmp_path):
     env = {}
-    assert "offline" in train_utils.ensure_wandb_cannot_hang(env, str(tmp_path / "netrc"))
+    assert "offline" in t_trackers.ensure_wandb_cannot_hang(env, str(tmp_path / "netrc"))
     assert env["WANDB_MODE"] == "offline"
     env = {"WANDB_API_KEY": "k"}
-    assert train_utils.ensure_wandb_cannot_hang(env, str(tmp_path / "netrc")) is None and "WANDB_MODE" not in env
+    assert t_trackers.ensure_wandb_cannot_hang(env, str(tmp_path / "netrc")) is None and "WANDB_MODE" not in env
     env = {"WANDB_MODE": "online"}
-    assert train_utils.ensure_wandb_cannot_hang(env, str(tmp_path / "netrc")) is None and env["WANDB_MODE"] == "online"
+    assert t_trackers.ensure_wandb_cannot_hang(env, str(tmp_path / "netrc")) is None and env["WANDB_MODE"] == "online"
 
 
 #################################################################################
@@ -345,7 +351,7 @@ def test_report_to_wandb_offline_without_login(latent_dir, tmp_path, monkeypatch
     (["--resume-step", "7"], "available steps"),
 ])
 def test_user_errors_name_the_flag(latent_dir, tmp_path, extra, message):
-    with pytest.raises(train_utils.TrainingError, match=message):
+    with pytest.raises(t_errors.TrainingError, match=message):
         run(*tiny_argv(latent_dir, tmp_path, "err", "--max-train-steps", 1), *extra)
 
 
@@ -393,7 +399,7 @@ def test_speed_lever_flags(latent_dir, tmp_path, capsys, monkeypatch):
     assert set(plain["model"]) == set(gelu["model"])  # the lever keeps the keys
     assert_states_equal(plain["model"], gelu["model"], exact=False, atol=1e-6)
     # levers that cannot run here are one line at start-up, before any step
-    with pytest.raises(train_utils.TrainingError, match="fused_norm_modulate runs Triton kernels on a CUDA GPU"):
+    with pytest.raises(t_errors.TrainingError, match="fused_norm_modulate runs Triton kernels on a CUDA GPU"):
         run(*tiny_argv(latent_dir, tmp_path, "norm", "--max-train-steps", 1, "--fused-norm-modulate"))
     for argv, message in ((["--fp8"], "--fp8 runs with --mixed-precision bf16"),
                           (["--compile-mode", "max-autotune"], "only with --compile")):

@@ -1,4 +1,4 @@
-"""Fault tests of train.py and generate.py (issue 13): kills mid-save, unreadable checkpoints, data
+"""Fault tests of train.py and generate.py: kills mid-save, unreadable checkpoints, data
 damaged mid-run, unwritable or full outputs, fresh runs over an experiment's checkpoints.
 
 Every fault ends in one line that names the file or flag and the fix, with a documented exit code
@@ -7,7 +7,7 @@ partial file: the previous checkpoint stays intact and a resumed run equals an u
 Read-only folders are simulated (these tests may run as root, which ignores chmod): by a path under
 a regular file (NotADirectoryError) or by fileio's open() raising PermissionError.
 
-    python tests/test_train_faults.py --kills 10     # the kill loop behind the counts in the README
+    python tests/test_train_faults.py --kills 10     # the kill loop behind the counts in docs/faults.md
 """
 import errno
 import io
@@ -31,7 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fileio  # noqa: E402
 import generate  # noqa: E402
 import train  # noqa: E402
-import train_utils  # noqa: E402
+import training.checkpoints as t_checkpoints  # noqa: E402
+import training.data_order as t_data_order  # noqa: E402
+import training.errors as t_errors  # noqa: E402
+import training.monitor as t_monitor  # noqa: E402
 from models import ModelConfig, SiT  # noqa: E402
 from models.checkpoint import load_checkpoint_file  # noqa: E402
 from preprocessing.storage import image_name  # noqa: E402
@@ -246,8 +249,8 @@ def test_authors_checkpoint_of_another_size_is_one_line(latent_dir, tmp_path, ca
     model = SiT(ModelConfig(model="custom", input_size=8, in_channels=4, hidden_size=32, depth=2, num_heads=2,
                             patch_size=2, num_classes=5, encoder_depth=1))
     optimizer = torch.optim.AdamW(model.parameters())
-    with pytest.raises(train_utils.TrainingError) as info:
-        train_utils.restore_checkpoint(checkpoint, model, SiT(model.config), optimizer, source=path)
+    with pytest.raises(t_errors.TrainingError) as info:
+        t_checkpoints.restore_checkpoint(checkpoint, model, SiT(model.config), optimizer, source=path)
     assert one_line(str(info.value)) and str(info.value).startswith(
         f"cannot resume: {path} (model) does not fit this model: pos_embed expected (1, 16, 32), found (1, 16, 64)")
     # the same width: restored exactly (the `module.` prefix of the authors' DDP model is dropped)
@@ -257,13 +260,13 @@ def test_authors_checkpoint_of_another_size_is_one_line(latent_dir, tmp_path, ca
     classifier = [p for n, p in fresh.named_parameters() if n.startswith("classifier.")]
     backbone = [p for n, p in fresh.named_parameters() if not n.startswith("classifier.")]
     opt = torch.optim.AdamW([{"params": backbone}, {"params": classifier}])
-    assert train_utils.restore_checkpoint(load_checkpoint_file(str(tmp_path / "same.pt")), fresh, ema, opt) == \
+    assert t_checkpoints.restore_checkpoint(load_checkpoint_file(str(tmp_path / "same.pt")), fresh, ema, opt) == \
         (2, None, {"consecutive": 0, "total": 0})
     assert_states_equal(fresh.state_dict(), model64.state_dict())
     # an optimizer state of another layout (one parameter group): one line naming the file
-    with pytest.raises(train_utils.TrainingError, match=r"^cannot resume: the optimizer state in .* does not fit "
+    with pytest.raises(t_errors.TrainingError, match=r"^cannot resume: the optimizer state in .* does not fit "
                                                         r"this model \(loaded state dict has a different number"):
-        train_utils.restore_checkpoint(load_checkpoint_file(str(tmp_path / "same.pt")), fresh, ema,
+        t_checkpoints.restore_checkpoint(load_checkpoint_file(str(tmp_path / "same.pt")), fresh, ema,
                                        torch.optim.AdamW(fresh.parameters()), source="x.pt")
 
 
@@ -273,7 +276,7 @@ def test_authors_checkpoint_of_another_size_is_one_line(latent_dir, tmp_path, ca
 
 def second_step_item(dataset_size, batch):
     """An item that the 2nd step reads and the 1st does not (seed 0, one process)."""
-    order = train_utils.StepBatchSampler(dataset_size, batch, 1, [0], seed=0)
+    order = t_data_order.StepBatchSampler(dataset_size, batch, 1, [0], seed=0)
     return next(i for i in order.step_indices(1)[0] if i not in order.step_indices(0)[0])
 
 
@@ -480,18 +483,18 @@ def test_trim_stats_keeps_one_record_per_step(tmp_path, monkeypatch):
     with open(path, "w") as f:
         f.write("\n".join(lines))
     logged = []
-    assert train_utils.trim_stats(path, 2, log=logged.append) == 2
+    assert t_monitor.trim_stats(path, 2, log=logged.append) == 2
     assert open(path).read() == "\n".join(lines[:3]) + "\n"
     assert logged == [f"{path}: dropped 2 records after step 2 (this run writes them again)"]
-    assert train_utils.trim_stats(path, 2) == 0 and os.listdir(tmp_path) == ["stats.jsonl"]
-    assert train_utils.trim_stats(str(tmp_path / "missing.jsonl"), 0) == 0
+    assert t_monitor.trim_stats(path, 2) == 0 and os.listdir(tmp_path) == ["stats.jsonl"]
+    assert t_monitor.trim_stats(str(tmp_path / "missing.jsonl"), 0) == 0
     # a full disk while appending: one line (the half-written line is dropped by the next trim)
-    monkeypatch.setattr(train_utils, "open", lambda *a, **k: FullDiskFile(os.open(path, os.O_WRONLY | os.O_APPEND),
+    monkeypatch.setattr(t_monitor, "open", lambda *a, **k: FullDiskFile(os.open(path, os.O_WRONLY | os.O_APPEND),
                                                                            "wb"), raising=False)
     FullDiskFile.room = 0
     try:
         with pytest.raises(fileio.DiskFull) as info:
-            train_utils.append_stats(path, {"step": 3, "loss": float("nan")})
+            t_monitor.append_stats(path, {"step": 3, "loss": float("nan")})
     finally:
         FullDiskFile.room = 64 * 1024
     assert str(info.value) == (f"no space left on device while appending to {path}; free some space, then resume "
@@ -499,7 +502,7 @@ def test_trim_stats_keeps_one_record_per_step(tmp_path, monkeypatch):
 
 
 def test_guard_names_the_last_checkpoint_saved_in_the_normal_loss_range():
-    guard = train_utils.NonFiniteGuard(3)
+    guard = t_monitor.NonFiniteGuard(3)
     guard.note_checkpoint("c/0000010.pt")       # before any log: nothing against the weights
     for step, loss in [(20, 1.0), (30, 0.8), (40, 1.6)]:  # 1.6 = 2 x the lowest 0.8: still in range
         guard.note_log(loss, skipped=0)
@@ -514,24 +517,24 @@ def test_guard_names_the_last_checkpoint_saved_in_the_normal_loss_range():
     guard.note_checkpoint("c/0000070.pt")
     assert guard.good_checkpoint == "c/0000040.pt"
     # the record travels in the checkpoint: a resumed guard names the same one
-    resumed = train_utils.NonFiniteGuard(3, **guard.state())
+    resumed = t_monitor.NonFiniteGuard(3, **guard.state())
     resumed.record(True, 71)
-    with pytest.raises(train_utils.TrainingDiverged) as info:
+    with pytest.raises(t_errors.TrainingDiverged) as info:
         resumed.record(True, 72, "c/0000070.pt")
     assert str(info.value) == (
         "training stopped at step 72: 3 consecutive steps with a non-finite loss or gradient norm (--max-nonfinite 3); "
         "the last checkpoint saved while the loss was in its normal range is c/0000040.pt (--resume-step 40); later "
         "ones, up to c/0000070.pt, may hold damaged weights. Lower --learning-rate or try --mixed-precision bf16/no")
     # nothing saved in range / nothing saved at all
-    empty = train_utils.NonFiniteGuard(1, in_range=False)
+    empty = t_monitor.NonFiniteGuard(1, in_range=False)
     empty.note_checkpoint("c/0000005.pt")
     assert "no checkpoint was saved while the loss was in its normal range, so c/0000005.pt may hold damaged" \
            in empty.where("c/0000005.pt")
-    assert train_utils.NonFiniteGuard(1).where(None) == "no checkpoint was written"
+    assert t_monitor.NonFiniteGuard(1).where(None) == "no checkpoint was written"
 
 
 #################################################################################
-#              The kill loop behind the README's counts (not a test)            #
+#            The kill loop behind docs/faults.md's counts (not a test)          #
 #################################################################################
 
 def kill_loop(kills, out):
@@ -567,7 +570,7 @@ def kill_loop(kills, out):
             alive = proc.poll() is None
         finally:
             kill(proc)
-        at_kill = f"{logged()} steps logged, checkpoints {[s for s, _ in train_utils.list_checkpoints(folder)]}"
+        at_kill = f"{logged()} steps logged, checkpoints {[s for s, _ in t_checkpoints.list_checkpoints(folder)]}"
         left = temporaries(folder) + temporaries(os.path.join(out, name))
         counts["kills"] += alive
         counts[kind] += alive

@@ -1,0 +1,75 @@
+"""The model, decoder and output folder of a sample set, each checked against the checkpoint."""
+import os
+
+from models.checkpoint import load_model
+from models.config import ConfigError, given_flags
+from models.vae import load_vae, vae_identity
+from sampling.errors import GenerateError
+
+
+def load_sampling_model(args, hash_weights=True):
+    """The checkpoint's EMA model and config (models.checkpoint.load_model): flags the checkpoint
+    knows default to its values and must agree with them."""
+    given = given_flags(args)
+    try:
+        return load_model(args.ckpt, given=given, which="ema", fused_attn=args.fused_attn, hash_weights=hash_weights)
+    except ConfigError as exc:
+        raise GenerateError(str(exc)) from None
+
+
+def decoder_spec(args, config):
+    """--vae, or its default: 'none' for a pixel-space model (3 input channels), else the authors' 'ema'."""
+    if args.vae is not None:
+        return args.vae
+    return "none" if config.in_channels == 3 else "ema"
+
+
+def open_decoder(spec, loaded, device):
+    """(VAE or None, its record or None, latent channels, downsample factor). The VAE must match the
+    model's input channels and, when the checkpoint records the VAE of its training latents, have
+    the same encoder weights (the SD-VAE ft-EMA and ft-MSE share theirs)."""
+    config = loaded.config
+    if spec == "none":
+        vae, record, channels, factor = None, None, 3, 1
+    else:
+        vae = load_vae(spec, device)
+        record = vae_identity(vae, spec)
+        channels, factor = record["latent_channels"], record["downsample_factor"]
+    if channels != config.in_channels:
+        raise GenerateError(f"the checkpoint's model has {config.in_channels} input channels but --vae {spec} gives "
+                            f"{channels}; pick the VAE (or 'none') it was trained with")
+    trained = ((loaded.provenance.get("data") or {}).get("vae") or {})
+    if record and trained.get("encoder_sha256") and trained["encoder_sha256"] != record["encoder_sha256"]:
+        raise GenerateError(f"--vae {spec} is not the VAE of the latents {os.path.basename(loaded.path)} was trained on (encoder "
+                            f"{record['encoder_sha256'][:12]} vs {trained['encoder_sha256'][:12]} of "
+                            f"{trained.get('name')}); pass --vae ema or mse for the SD-VAE, or that VAE's folder")
+    return vae, record, channels, factor
+
+
+def image_resolution(args, config, factor):
+    """Pixels per side: the model's input side times the VAE factor; --resolution, when given, must agree."""
+    resolution = config.input_size * factor
+    if args.resolution is not None and args.resolution != resolution:
+        step = factor * config.patch_size
+        if args.resolution % step:
+            raise GenerateError(f"--resolution {args.resolution} must be a multiple of {step} "
+                                f"(VAE factor {factor} x patch {config.patch_size})")
+        raise GenerateError(f"the checkpoint's model takes {config.input_size}x{config.input_size} inputs but "
+                            f"--resolution {args.resolution} with VAE factor {factor} gives "
+                            f"{args.resolution // factor}; drop --resolution (it is {resolution})")
+    return resolution
+
+
+def vae_name(spec):
+    """The ``vae-<name>`` part of the folder name: ema/mse/none, else the path's basename."""
+    return spec if spec in ("ema", "mse", "none") else os.path.basename(os.path.normpath(spec))
+
+
+def sample_folder(args, config, resolution, vae_spec):
+    """``<sample_dir>/<folder>``, named as the authors' generate.py names it. The name is not the
+    identity: ``provenance.json`` inside is (see ``sample_set_identity``)."""
+    model = config.model.replace("/", "-")
+    ckpt = os.path.basename(args.ckpt).removesuffix(".pt")
+    name = (f"{model}-enc{config.encoder_depth}-{ckpt}-size-{resolution}-vae-{vae_name(vae_spec)}-"
+            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.mode}-{args.name_add}")
+    return os.path.join(args.sample_dir, name)
