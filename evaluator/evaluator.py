@@ -11,13 +11,23 @@ files hold `arr_0`: uint8 images (N, H, W, 3); the reference's precomputed `mu`,
 `mu_s`, `sigma_s` are used when present, and the sample's `provenance` (UTF-8 JSON in a uint8
 array, written by generate.py) is copied into the metrics JSON. Reference activations are
 cached next to the reference (REF.inception-cache.npz). The suite is described in docs/evaluation.md.
+
+    python evaluator/evaluator.py REF.npz SAMPLE.npz --smoke-test   # offline check, NOT FID
+
+--smoke-test runs the same pipeline on seeded random Inception weights (nothing downloaded, no
+reference cache, precomputed statistics ignored): the numbers only show that the files, the
+network and the metric code work. The table's first line, the metrics JSON ("smoke_test": true
+and a note) and the default output name (SAMPLE.smoke-test.metrics.json) all say so, and a smoke
+test never writes over a real result.
 """
 
 import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import zipfile
 
 if __package__ in (None, ""):  # run as a file (from the repo root or from evaluator/): import the package
@@ -37,6 +47,10 @@ CACHE_VERSION = 1
 MIN_IMAGES = metrics.PR_NEIGHBOURHOOD + 1  # k-NN radii need k other points; covariances need 2
 STATS_KEYS = {"mu": (inc.POOL_DIM,), "sigma": (inc.POOL_DIM, inc.POOL_DIM),
               "mu_s": (inc.SPATIAL_DIM,), "sigma_s": (inc.SPATIAL_DIM, inc.SPATIAL_DIM)}
+SMOKE_HEADER = "SMOKE TEST"  # first line of a smoke test's table and .txt file
+SMOKE_NOTE = ("smoke test: random Inception weights (seed {seed}), not the 2015-12-05 Inception-v3; these numbers "
+              "are not FID, sFID, Inception Score, precision or recall and mean nothing beyond the pipeline running; "
+              "the real run needs " + inc.WEIGHTS_FILE)
 FIX_NPZ = "save images as np.savez(path, images) with images a uint8 array of shape (N, H, W, 3) in [0, 255]"
 
 
@@ -268,8 +282,13 @@ def _activations(images, model, keys, batch_size, rank, world, comm_device, prog
 
 
 def evaluate(ref_path, sample_path, inception_weights=None, batch_size=128, device="auto", backend="torch",
-             tf_graph=None, use_cache=True, progress=True, log=print):
-    """All five metrics of sample_path against ref_path; a dict on rank 0, None on other ranks."""
+             tf_graph=None, use_cache=True, progress=True, log=print, smoke_test=False, smoke_seed=0):
+    """All five metrics of sample_path against ref_path; a dict on rank 0, None on other ranks.
+
+    smoke_test: random Inception weights made from smoke_seed (save_random_inception_weights, in a
+    temporary folder removed once loaded) instead of the real ones; the reference cache is neither
+    read nor written and precomputed statistics are not used (they belong to the real network).
+    The dict then starts with "smoke_test": True and a "note" saying the numbers are not FID."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if device == "auto":
@@ -293,7 +312,20 @@ def evaluate(ref_path, sample_path, inception_weights=None, batch_size=128, devi
     ref_stats, sample_stats = load_precomputed_stats(ref_path), load_precomputed_stats(sample_path)
     provenance = read_provenance(sample_path, say)
 
-    if backend == "tf":
+    if smoke_test:
+        if ref_stats is not None or sample_stats is not None:
+            say("smoke test: the npz's precomputed mu/sigma/mu_s/sigma_s belong to the real Inception-v3; "
+                "computing them from the random network instead")
+        ref_stats = sample_stats = None
+        use_cache = False
+        folder = tempfile.mkdtemp(prefix="smoke-inception-")
+        try:
+            path = inc.save_random_inception_weights(os.path.join(folder, f"random-seed{smoke_seed}.pth"), smoke_seed)
+            model = inc.InceptionV3Features(path, device=device)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        weights = f"random (smoke test, seed {smoke_seed})"
+    elif backend == "tf":
         graph = tf_graph or os.path.join(os.path.dirname(os.path.abspath(__file__)), inc.TF_GRAPH_FILE)
         model, weights = inc.TFInceptionFeatures(graph), graph
     else:
@@ -305,7 +337,8 @@ def evaluate(ref_path, sample_path, inception_weights=None, batch_size=128, devi
     say(f"inception: {backend} backend, weights {weights}, device {device}, world size {world}")
 
     # Reference activations: from the cache when it matches, else computed (and cached by rank 0).
-    cache, key = cache_path(ref_path), cache_key(ref_path, weights_id(backend, weights))
+    cache = cache_path(ref_path)
+    key = cache_key(ref_path, weights_id(backend, weights)) if use_cache else None
     ref = load_cache(cache, key) if rank == 0 and use_cache else None
     hit = [ref is not None]
     if world > 1:
@@ -341,9 +374,12 @@ def evaluate(ref_path, sample_path, inception_weights=None, batch_size=128, devi
         ref[0], ref[1], smp["pool"], smp["spatial"], metrics.softmax(smp["logits"]),
         ref_stats=ref_stats, sample_stats=sample_stats, device=comm_device,
     )
+    label = ({"smoke_test": True, "note": SMOKE_NOTE.format(seed=smoke_seed), "smoke_seed": smoke_seed}
+             if smoke_test else {"smoke_test": False})
+    results = dict(label, **results)  # the label first: the first thing a reader of the JSON sees
     results.update(ref_batch=os.path.abspath(ref_path), sample_batch=os.path.abspath(sample_path),
                    num_ref=len(ref[0]), num_samples=len(smp["pool"]), backend=backend,
-                   inception_weights=os.path.abspath(weights),
+                   inception_weights=weights if smoke_test else os.path.abspath(weights),
                    ref_statistics="precomputed" if ref_stats is not None else "computed",
                    reference={"path": os.path.abspath(ref_path), "bytes": os.path.getsize(ref_path)})
     if provenance is not None:
@@ -355,13 +391,23 @@ LABELS = [("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID
           ("precision", "Precision"), ("recall", "Recall")]
 
 
+def smoke_header(seed):
+    return (f"{SMOKE_HEADER} (random Inception weights, seed {seed}): NOT FID - these numbers only show "
+            f"that the pipeline runs; the real run needs {inc.WEIGHTS_FILE}")
+
+
 def format_results(results):
-    return "\n".join(f"{label}: {results[key]}" for key, label in LABELS)
+    """The five numbers, one a line; a smoke test's table opens with smoke_header."""
+    lines = [f"{label}: {results[key]}" for key, label in LABELS]
+    if results.get("smoke_test"):
+        lines.insert(0, smoke_header(results["smoke_seed"]))
+    return "\n".join(lines)
 
 
-def default_output(sample_path):
-    """SAMPLE.metrics.json next to the sample npz."""
-    return (sample_path[:-4] if sample_path.endswith(".npz") else sample_path) + ".metrics.json"
+def default_output(sample_path, smoke_test=False):
+    """SAMPLE.metrics.json next to the sample npz; SAMPLE.smoke-test.metrics.json for a smoke test."""
+    root = sample_path[:-4] if sample_path.endswith(".npz") else sample_path
+    return root + (".smoke-test.metrics.json" if smoke_test else ".metrics.json")
 
 
 def text_output(json_path):
@@ -374,11 +420,44 @@ def check_output(json_path):
     check_writable(os.path.dirname(os.path.abspath(json_path)), "--output PATH.json")
 
 
+def is_smoke_result(path):
+    """True if path is a smoke test's metrics JSON ("smoke_test": true) or .txt (opens with SMOKE_HEADER)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".json"):
+                data = json.load(f)
+                return isinstance(data, dict) and data.get("smoke_test") is True
+            return f.readline().startswith(SMOKE_HEADER)
+    except (OSError, ValueError):  # unreadable, not JSON, not UTF-8: not a smoke result
+        return False
+
+
+class SmokeOverwriteError(EvaluatorError):
+    """A --smoke-test run was pointed at an existing file that is not a smoke-test result."""
+
+
+def check_smoke_target(json_path, smoke_test, log=print):
+    """Before any work: a smoke test never writes over a file that is not a smoke result (a real
+    evaluation, anything else); a real run replaces a smoke result, and says so."""
+    for path in (json_path, text_output(json_path)):
+        if not os.path.exists(path):
+            continue
+        smoke = is_smoke_result(path)
+        if smoke_test and not smoke:
+            raise SmokeOverwriteError(
+                f"{path} exists and is not a smoke-test result (a real evaluation, or another file); "
+                f"--smoke-test never writes over it: pass --output PATH.json with another path")
+        if not smoke_test and smoke:
+            log(f"note: replacing the smoke-test result {path} with this real evaluation")
+
+
 def write_results(json_path, results):
     """The metrics as JSON at json_path and as text next to it (text_output), each written atomically."""
     txt_path = text_output(json_path)
-    text = (f"ref_batch: {results['ref_batch']}\nsample_batch: {results['sample_batch']}\n"
-            f"{format_results(results)}\n")
+    table = format_results(results).split("\n")
+    head = table[:-len(LABELS)]  # a smoke test's header: the file's first line, as in the printed table
+    text = "".join(line + "\n" for line in head + [f"ref_batch: {results['ref_batch']}",
+                                                   f"sample_batch: {results['sample_batch']}"] + table[len(head):])
     atomic_write(json_path, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
     atomic_write(txt_path, lambda f: f.write(text.encode()))
     return json_path, txt_path
@@ -397,8 +476,23 @@ def parse_args(argv=None):
     parser.add_argument("--tf-graph", default=None, help=f"{inc.TF_GRAPH_FILE} for --backend tf")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write REF.inception-cache.npz")
     parser.add_argument("--output", default=None, metavar="PATH.json",
-                        help="metrics JSON (a .txt twin is written beside it); default SAMPLE.metrics.json")
+                        help="metrics JSON (a .txt twin is written beside it); default SAMPLE.metrics.json "
+                             "(SAMPLE.smoke-test.metrics.json with --smoke-test)")
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="check the pipeline offline on seeded random Inception weights (nothing downloaded, "
+                             "no reference cache); the numbers are NOT FID and are labelled so")
+    parser.add_argument("--smoke-seed", type=int, default=None, metavar="N",
+                        help="seed of --smoke-test's random weights (default 0): the same seed, the same numbers")
     args = parser.parse_args(argv)
+    if args.smoke_test and args.inception_weights:
+        parser.error("--smoke-test builds random Inception weights; drop --inception-weights "
+                     "(or drop --smoke-test for a real run)")
+    if args.smoke_test and args.backend == "tf":
+        parser.error("--smoke-test runs the torch backend on random weights; drop --backend tf")
+    if args.smoke_seed is not None and not args.smoke_test:
+        parser.error("--smoke-seed only applies to --smoke-test; add --smoke-test or drop --smoke-seed")
+    if args.smoke_seed is None:
+        args.smoke_seed = 0
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.device not in ("auto", "cuda", "cpu"):
@@ -410,11 +504,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    output = args.output or default_output(args.sample_batch)
+    output = args.output or default_output(args.sample_batch, args.smoke_test)
     try:
         check_output(output)
+        check_smoke_target(output, args.smoke_test, print if is_reporting_process() else (lambda *a, **k: None))
         results = evaluate(args.ref_batch, args.sample_batch, args.inception_weights, args.batch_size, args.device,
-                           args.backend, args.tf_graph, use_cache=not args.no_cache)
+                           args.backend, args.tf_graph, use_cache=not args.no_cache, smoke_test=args.smoke_test,
+                           smoke_seed=args.smoke_seed)
         if results is not None:
             print(format_results(results))
             json_path, txt_path = write_results(output, results)

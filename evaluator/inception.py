@@ -46,7 +46,15 @@ FEATURE_DIMS = {"pool": POOL_DIM, "logits": LOGITS_DIM, "spatial": SPATIAL_DIM}
 
 
 class InceptionWeightsUnavailable(EvaluatorError):
-    """The Inception-v3 weights file is missing, unreadable or could not be downloaded."""
+    """The Inception-v3 weights file is missing, unreadable or could not be downloaded.
+
+    ``problem`` is what went wrong alone (e.g. "Inception weights not found at PATH"); the
+    message adds which file the real run needs, where it comes from, where it is looked for,
+    which flag takes a local copy and that --smoke-test runs without it, all on one line."""
+
+    def __init__(self, problem):
+        self.problem = problem
+        super().__init__(_weights_message(problem))
 
 
 # ----------------------------------------------------------------------------
@@ -60,11 +68,11 @@ def default_weights_path():
 
 def _weights_message(problem):
     return (
-        f"{problem}\n"
-        f"  needed: {WEIGHTS_FILE} (torch-fidelity's port of the 2015-12-05 Inception-v3)\n"
-        f"  from:   {WEIGHTS_URL}\n"
-        f"Download it where there is internet access and pass it with --inception-weights PATH "
-        f"(or put it at {default_weights_path()})."
+        f"{problem}; the real run needs {WEIGHTS_FILE} (torch-fidelity's port of the 2015-12-05 Inception-v3) "
+        f"from {WEIGHTS_URL}: download it where there is internet access and pass it with --inception-weights "
+        f"PATH, or put it at {default_weights_path()} (the torch.hub cache, read when --inception-weights is not "
+        f"given); evaluator/evaluator.py --smoke-test checks the pipeline without it (random weights: the numbers "
+        f"are not FID)"
     )
 
 
@@ -72,13 +80,13 @@ def resolve_weights(path=None, download=True, timeout_s=60):
     """Path of the Inception weights: `path` if given, else torch.hub's cache, else a download there."""
     if path:
         if not os.path.isfile(path):
-            raise InceptionWeightsUnavailable(_weights_message(f"--inception-weights {path}: no such file."))
+            raise InceptionWeightsUnavailable(f"--inception-weights {path}: no such file")
         return path
     cached = default_weights_path()
     if os.path.isfile(cached):
         return cached
     if not download:
-        raise InceptionWeightsUnavailable(_weights_message(f"Inception weights not found at {cached}."))
+        raise InceptionWeightsUnavailable(f"Inception weights not found at {cached}")
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)
     try:
@@ -86,12 +94,16 @@ def resolve_weights(path=None, download=True, timeout_s=60):
         torch.hub.download_url_to_file(WEIGHTS_URL, cached, progress=True)  # writes a temp file, then moves it
     except Exception as exc:  # offline, proxy, HTTP error: all end in the same advice
         raise InceptionWeightsUnavailable(
-            _weights_message(f"Inception weights not found at {cached} and the download failed "
-                             f"({type(exc).__name__}: {exc}).")
+            f"Inception weights not found at {cached} and the download failed ({type(exc).__name__}: "
+            f"{_one_line(str(exc))})"
         ) from None
     finally:
         socket.setdefaulttimeout(previous_timeout)
     return cached
+
+
+def _one_line(text, limit=300):
+    return " ".join(text.split())[:limit]
 
 
 class _UnloadedInception(FeatureExtractorInceptionV3):
@@ -102,11 +114,12 @@ class _UnloadedInception(FeatureExtractorInceptionV3):
 
 
 def save_random_inception_weights(path, seed=0):
-    """Write a randomly initialised state dict of the port to `path` (tests and benchmarks, no download).
+    """Write a randomly initialised state dict of the port to `path`, seeded, nothing downloaded.
 
-    Convolutions get He-normal weights and batch norms the identity, so activations keep a
-    sensible scale through the 94 conv layers; the numbers mean nothing, the shapes and the
-    code path are the real ones.
+    What `evaluator.py --smoke-test` runs the pipeline on (and the tests and benchmarks): the
+    same seed gives the same file, so the same features and numbers. Convolutions get He-normal
+    weights and batch norms the identity, so activations keep a sensible scale through the 94
+    conv layers; the numbers mean nothing, the shapes and the code path are the real ones.
     """
     torch.save({}, path)  # the constructor insists on reading a file
     net = _UnloadedInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=path)
@@ -140,8 +153,7 @@ class InceptionV3Features(nn.Module):
             )
         except Exception as exc:  # unpickling / key-mismatch errors from deep inside torch
             raise InceptionWeightsUnavailable(
-                _weights_message(f"could not load Inception weights from {weights_path} "
-                                 f"({type(exc).__name__}: {str(exc)[:300]}).")
+                f"could not load Inception weights from {weights_path} ({type(exc).__name__}: {_one_line(str(exc))})"
             ) from None
         self.weights_path = weights_path
         self.device = torch.device(device)

@@ -4,8 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import urllib.error
-import warnings
 
 import numpy as np
 import pytest
@@ -226,28 +226,57 @@ def test_extract_features_in_batches_equals_one_batch(model):
         np.testing.assert_allclose(batched[key], whole[key], rtol=0, atol=1e-5)
 
 
-def test_missing_weights_name_the_url_file_and_flag(tmp_path, monkeypatch):
+def expected_weights_message(problem, cache):
+    return (f"{problem}; the real run needs weights-inception-2015-12-05-6726825d.pth (torch-fidelity's port of the "
+            f"2015-12-05 Inception-v3) from {inc.WEIGHTS_URL}: download it where there is internet access and pass "
+            f"it with --inception-weights PATH, or put it at {cache} (the torch.hub cache, read when "
+            f"--inception-weights is not given); evaluator/evaluator.py --smoke-test checks the pipeline without it "
+            f"(random weights: the numbers are not FID)")
+
+
+def test_missing_weights_name_the_file_url_cache_flag_and_smoke_test(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # empty cache
+    cache = str(tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth")
+    assert inc.default_weights_path() == cache and inc.WEIGHTS_FILE == os.path.basename(inc.WEIGHTS_URL)
+    assert inc.WEIGHTS_URL.startswith("https://") and inc.WEIGHTS_URL.endswith("/" + inc.WEIGHTS_FILE)
+
     with pytest.raises(inc.InceptionWeightsUnavailable) as err:
         inc.resolve_weights(str(tmp_path / "nope.pth"))
-    for part in (inc.WEIGHTS_URL, inc.WEIGHTS_FILE, "--inception-weights"):
-        assert part in str(err.value)
+    problem = f"--inception-weights {tmp_path / 'nope.pth'}: no such file"
+    assert err.value.problem == problem
+    assert str(err.value) == expected_weights_message(problem, cache)
 
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # empty cache
+    with pytest.raises(inc.InceptionWeightsUnavailable) as err:
+        inc.resolve_weights(None, download=False)
+    assert str(err.value) == expected_weights_message(f"Inception weights not found at {cache}", cache)
 
     def offline(url, dst, progress=True):
-        raise urllib.error.URLError("no internet")
+        raise urllib.error.URLError("no internet\nat all")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(inc.InceptionWeightsUnavailable) as err:
         inc.resolve_weights(None)
-    for part in (inc.WEIGHTS_URL, inc.WEIGHTS_FILE, "--inception-weights", "download failed", "no internet"):
-        assert part in str(err.value)
-    assert isinstance(err.value, RuntimeError)
+    problem = (f"Inception weights not found at {cache} and the download failed "
+               "(URLError: <urlopen error no internet at all>)")
+    assert str(err.value) == expected_weights_message(problem, cache)  # one line: the newline is folded
+    assert isinstance(err.value, RuntimeError) and isinstance(err.value, EvaluatorError)
 
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a state dict")
-    with pytest.raises(inc.InceptionWeightsUnavailable, match="could not load Inception weights"):
+    with pytest.raises(inc.InceptionWeightsUnavailable) as err:
         inc.InceptionV3Features(str(garbage))
+    assert err.value.problem.startswith(f"could not load Inception weights from {garbage} (")
+    assert "\n" not in str(err.value) and str(err.value).endswith("(random weights: the numbers are not FID)")
+
+
+def test_random_weights_are_a_function_of_the_seed(tmp_path):
+    a0 = torch.load(inc.save_random_inception_weights(str(tmp_path / "a0.pth"), seed=0))
+    b0 = torch.load(inc.save_random_inception_weights(str(tmp_path / "b0.pth"), seed=0))
+    a1 = torch.load(inc.save_random_inception_weights(str(tmp_path / "a1.pth"), seed=1))
+    assert list(a0) == list(b0) == list(a1) and len(a0) > 300  # every tensor of the port, in the same order
+    assert all(torch.equal(a0[k], b0[k]) for k in a0)
+    assert not torch.equal(a0["Conv2d_1a_3x3.conv.weight"], a1["Conv2d_1a_3x3.conv.weight"])
+    assert torch.equal(a0["Mixed_6d.branch1x1.bn.running_var"], torch.ones(192))  # batch norms: the identity
 
 
 # ----------------------------------------------------------------------------
@@ -364,7 +393,8 @@ def test_cli_errors_exit_2_with_the_message(tmp_path, capsys):
     assert cli.main([str(tmp_path / "ok.npz"), str(tmp_path / "ok.npz"),
                      "--inception-weights", str(tmp_path / "none.pth")]) == 2
     err = capsys.readouterr().err
-    assert inc.WEIGHTS_URL in err and "--inception-weights" in err and "Traceback" not in err
+    problem = f"--inception-weights {tmp_path / 'none.pth'}: no such file"
+    assert err == "error: " + expected_weights_message(problem, inc.default_weights_path()) + "\n"
     assert cli.main([str(tmp_path / "ok.npz"), str(tmp_path / "ok.npz"), "--backend", "tf"]) == 2
     assert "TensorFlow" in capsys.readouterr().err  # not installed here
     np.savez(tmp_path / "three.npz", rand_images(3))
@@ -379,3 +409,215 @@ def test_script_runs_from_inside_evaluator_dir(tmp_path):
     assert proc.returncode == 2
     assert "bad.npz: arr_0 has dtype float32, expected uint8" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------
+# --smoke-test: the whole pipeline on seeded random weights, labelled NOT FID
+# ----------------------------------------------------------------------------
+
+METRIC_KEYS = ["inception_score", "fid", "sfid", "precision", "recall"]
+SMOKE_HEADER_0 = ("SMOKE TEST (random Inception weights, seed 0): NOT FID - these numbers only show that the "
+                  "pipeline runs; the real run needs weights-inception-2015-12-05-6726825d.pth")
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No weights in torch.hub's cache and no network: a smoke test must need neither."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def no_download(url, dst, progress=True):
+        raise AssertionError(f"downloaded {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where the random weights are written
+    monkeypatch.setattr(metrics, "_sqrtm", fast_sqrtm_stand_in)
+    return temp
+
+
+def smoke_inputs(folder):
+    folder.mkdir()
+    ref, smp = str(folder / "ref.npz"), str(folder / "samples.npz")
+    np.savez(ref, rand_images(5, 32, 32, seed=10))
+    np.savez(smp, rand_images(4, 24, 24, seed=11))
+    return ref, smp
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_smoke_test_end_to_end_is_labelled_not_fid(tmp_path, offline, capsys):
+    ref, smp = smoke_inputs(tmp_path / "data")
+    assert cli.main([ref, smp, "--smoke-test", "--batch-size", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    table = out[out.index(SMOKE_HEADER_0):]
+    assert [line.split(":")[0] for line in table[1:6]] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    json_path = str(tmp_path / "data" / "samples.smoke-test.metrics.json")
+    txt_path = str(tmp_path / "data" / "samples.smoke-test.metrics.txt")
+    assert table[6] == f"wrote {json_path} and {txt_path}"
+
+    result = read_json(json_path)
+    assert list(result)[:3] == ["smoke_test", "note", "smoke_seed"]  # the label comes first
+    assert result["smoke_test"] is True and result["smoke_seed"] == 0
+    assert result["note"] == ("smoke test: random Inception weights (seed 0), not the 2015-12-05 Inception-v3; "
+                              "these numbers are not FID, sFID, Inception Score, precision or recall and mean "
+                              "nothing beyond the pipeline running; the real run needs "
+                              "weights-inception-2015-12-05-6726825d.pth")
+    assert result["inception_weights"] == "random (smoke test, seed 0)"
+    assert (result["num_ref"], result["num_samples"], result["ref_statistics"]) == (5, 4, "computed")
+    assert table[1:6] == [f"{label}: {result[key]}" for key, label in cli.LABELS]
+    with open(txt_path) as f:
+        assert f.read().splitlines() == [SMOKE_HEADER_0, f"ref_batch: {ref}", f"sample_batch: {smp}"] + table[1:6]
+    # no reference cache, no real-run output, no weights left in the temporary folder
+    assert sorted(os.listdir(tmp_path / "data")) == ["ref.npz", "samples.npz", "samples.smoke-test.metrics.json",
+                                                     "samples.smoke-test.metrics.txt"]
+    assert os.listdir(offline) == []
+    assert cli.is_smoke_result(json_path) and cli.is_smoke_result(txt_path)
+
+
+def test_smoke_test_same_seed_same_numbers_and_equal_to_a_real_run_on_those_weights(tmp_path, offline, random_weights,
+                                                                                   capsys):
+    ref, smp = smoke_inputs(tmp_path / "data")
+
+    outputs = []
+
+    def run(*flags):
+        outputs.append(str(tmp_path / f"run{len(outputs)}.json"))
+        assert cli.main([ref, smp, "--batch-size", "4", "--device", "cpu", "--output", outputs[-1], *flags]) == 0
+        return read_json(outputs[-1])
+
+    first, second, seed1 = run("--smoke-test"), run("--smoke-test"), run("--smoke-test", "--smoke-seed", "1")
+    assert {k: second[k] for k in METRIC_KEYS} == {k: first[k] for k in METRIC_KEYS}
+    assert seed1["smoke_seed"] == 1 and seed1["fid"] != first["fid"] and seed1["sfid"] != first["sfid"]
+    assert SMOKE_HEADER_0.replace("seed 0", "seed 1") in capsys.readouterr().out
+    # the pipeline is the real one: a real run on the same random weights (seed 0) gives the same numbers
+    real = run("--inception-weights", random_weights, "--no-cache")
+    assert real["smoke_test"] is False and "note" not in real
+    assert {k: real[k] for k in METRIC_KEYS} == {k: first[k] for k in METRIC_KEYS}
+    assert [cli.is_smoke_result(path) for path in outputs] == [True, True, True, False]
+
+
+def test_smoke_test_ignores_precomputed_reference_statistics(tmp_path, offline, capsys):
+    ref, smp = smoke_inputs(tmp_path / "data")
+    plain = str(tmp_path / "plain.json")
+    assert cli.main([ref, smp, "--smoke-test", "--device", "cpu", "--output", plain]) == 0
+    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048), "mu_s": np.zeros(2023), "sigma_s": np.eye(2023)}
+    np.savez(ref, rand_images(5, 32, 32, seed=10), **stats)
+    with_stats = str(tmp_path / "stats.json")
+    assert cli.main([ref, smp, "--smoke-test", "--device", "cpu", "--output", with_stats]) == 0
+    assert ("smoke test: the npz's precomputed mu/sigma/mu_s/sigma_s belong to the real Inception-v3; computing "
+            "them from the random network instead") in capsys.readouterr().out
+    a, b = read_json(plain), read_json(with_stats)
+    assert b["ref_statistics"] == "computed" and {k: b[k] for k in METRIC_KEYS} == {k: a[k] for k in METRIC_KEYS}
+
+
+def test_smoke_output_name_differs_from_the_real_default():
+    assert cli.default_output("out/samples.npz") == "out/samples.metrics.json"
+    assert cli.default_output("out/samples.npz", smoke_test=True) == "out/samples.smoke-test.metrics.json"
+    assert cli.text_output(cli.default_output("out/samples.npz", True)) == "out/samples.smoke-test.metrics.txt"
+    assert cli.text_output(cli.default_output("out/samples.npz")) == "out/samples.metrics.txt"
+
+
+def fake_results(smoke, seed=0):
+    label = {"smoke_test": True, "note": "n", "smoke_seed": seed} if smoke else {"smoke_test": False}
+    return dict(label, inception_score=1.5, fid=2.5, sfid=3.5, precision=0.25, recall=0.75, ref_batch="R",
+                sample_batch="S")
+
+
+def test_smoke_test_never_writes_over_a_real_result_and_a_real_run_replaces_a_smoke_one(tmp_path, monkeypatch,
+                                                                                        capsys):
+    ref, smp = smoke_inputs(tmp_path / "data")
+    calls = []
+
+    def evaluate(*args, smoke_test=False, **kwargs):
+        calls.append(smoke_test)
+        return fake_results(smoke_test)
+
+    monkeypatch.setattr(cli, "evaluate", evaluate)
+    real = tmp_path / "data" / "samples.metrics.json"
+    assert cli.main([ref, smp]) == 0
+    real_bytes = real.read_bytes()
+    assert json.loads(real_bytes)["smoke_test"] is False
+    only_txt = tmp_path / "only.txt"  # only the .txt twin of a real run: still refused
+    only_txt.write_bytes((tmp_path / "data" / "samples.metrics.txt").read_bytes())
+    for target, existing in [(real, real), (tmp_path / "only.json", only_txt)]:
+        capsys.readouterr()
+        assert cli.main([ref, smp, "--smoke-test", "--output", str(target)]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {existing} exists and is not a smoke-test result (a real evaluation, or another file); "
+            f"--smoke-test never writes over it: pass --output PATH.json with another path\n")
+    other = tmp_path / "notes.json"
+    other.write_text("my notes")
+    assert cli.main([ref, smp, "--smoke-test", "--output", str(other)]) == 2
+    assert other.read_text() == "my notes"
+    assert calls == [False]  # every refusal came before any work
+    assert real.read_bytes() == real_bytes  # a real run's JSON is untouched
+    assert (tmp_path / "data" / "samples.metrics.txt").read_text() == (
+        "ref_batch: R\nsample_batch: S\nInception Score: 1.5\nFID: 2.5\nsFID: 3.5\nPrecision: 0.25\nRecall: 0.75\n")
+
+    smoke = tmp_path / "smoke.json"
+    assert cli.main([ref, smp, "--smoke-test", "--output", str(smoke)]) == 0
+    assert cli.main([ref, smp, "--smoke-test", "--output", str(smoke)]) == 0  # a smoke result may be replaced
+    capsys.readouterr()
+    assert cli.main([ref, smp, "--output", str(smoke)]) == 0
+    out = capsys.readouterr().out
+    assert f"note: replacing the smoke-test result {smoke} with this real evaluation" in out
+    assert f"note: replacing the smoke-test result {tmp_path / 'smoke.txt'} with this real evaluation" in out
+    assert read_json(smoke)["smoke_test"] is False and calls == [False, True, True, False]
+    assert (tmp_path / "smoke.txt").read_text().splitlines()[0] == "ref_batch: R"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--smoke-test", "--inception-weights", "w.pth"],
+     "--smoke-test builds random Inception weights; drop --inception-weights (or drop --smoke-test for a real run)"),
+    (["--smoke-test", "--backend", "tf"], "--smoke-test runs the torch backend on random weights; drop --backend tf"),
+    (["--smoke-seed", "0"], "--smoke-seed only applies to --smoke-test; add --smoke-test or drop --smoke-seed"),
+])
+def test_smoke_test_flag_conflicts(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["ref.npz", "samples.npz", *flags])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")
+
+
+# ----------------------------------------------------------------------------
+# Install: evaluation on a cluster needs requirements-train.txt alone
+# ----------------------------------------------------------------------------
+
+def pinned(name):
+    """{distribution: version} of a requirements file (comments dropped), and its -r includes."""
+    pins, includes = {}, []
+    for line in open(os.path.join(ROOT, name)):
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            includes.append(line[3:].strip())
+        elif line:
+            dist, version = line.split("==")
+            pins[dist.lower().replace("_", "-")] = version
+    return pins, includes
+
+
+def test_evaluator_imports_are_pinned_in_requirements_train():
+    import ast
+    import importlib.metadata
+
+    train, train_includes = pinned("requirements-train.txt")
+    full, full_includes = pinned("requirements.txt")
+    assert train_includes == [] and full_includes == ["requirements-train.txt"]
+    assert full == {"scikit-learn": "1.9.1", "pytest": "9.2.0"}  # the demo's and the tests' only
+    modules = set()
+    for name in sorted(os.listdir(os.path.join(ROOT, "evaluator"))):
+        if name.endswith(".py"):
+            for node in ast.walk(ast.parse(open(os.path.join(ROOT, "evaluator", name)).read())):
+                if isinstance(node, ast.Import):
+                    modules.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    modules.add(node.module.split(".")[0])
+    owners = importlib.metadata.packages_distributions()
+    dists = {owners[m][0].lower().replace("_", "-") for m in modules if m in owners and m != "tensorflow"}
+    assert dists == {"numpy", "scipy", "torch", "torch-fidelity", "tqdm"}  # tensorflow: optional, not pinned
+    installed = {d: importlib.metadata.version(d).split("+")[0] for d in sorted(dists)}  # 2.15.0+cu126 is 2.15.0
+    assert installed == {d: train[d] for d in sorted(dists)}

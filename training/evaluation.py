@@ -49,7 +49,7 @@ def check_eval_inputs(args, config, accelerator):
             try:
                 weights = inc.resolve_weights(given, download=turn == "main")
             except EvaluatorError as exc:
-                error = f"--eval-every: {str(exc).splitlines()[0]} {fix}"
+                error = f"--eval-every: {getattr(exc, 'problem', str(exc).splitlines()[0])}; {fix}"
         if accelerator.num_processes > 1:
             accelerator.wait_for_everyone()
     failed = torch.tensor([float(error is not None)], device=accelerator.device)
