@@ -19,10 +19,14 @@ from models.vae import LATENT_DOWNSAMPLE
 from preprocessing.storage import IMAGE_SUFFIXES, LABELS_FILE, LATENT_SUFFIXES, DatasetError, FileStore
 
 IMAGES_DIR, LATENTS_DIR = "images", "vae-sd"
-CONVERT_HINT = ("python preprocessing/dataset_tools.py convert --source IMAGENET/train --dest {d}/images "
-                "--resolution 256x256 --transform center-crop-dhariwal")
+# convert's command for any class-folder tree; ImageNet's settings are docs/data.md's
+CONVERT_HINT = ("python preprocessing/dataset_tools.py convert --source CLASS_FOLDERS --dest {d}/images "
+                "--resolution WxH (ImageNet: --source IMAGENET/train --resolution 256x256 --transform "
+                "center-crop-dhariwal)")
 ENCODE_HINT = "python preprocessing/dataset_tools.py encode --source {d}/images --dest {d}/vae-sd"
-IMAGE_FIX = "restore {what} from a good copy, or re-run convert into a new folder: " + CONVERT_HINT
+# for images of a known size: the same convert command at that size (its default transform is ImageNet's)
+IMAGE_FIX = ("restore {what} from a good copy, or re-run convert into a new folder: python "
+             "preprocessing/dataset_tools.py convert --source CLASS_FOLDERS --dest {d}/images --resolution {w}x{h}")
 LATENT_FIX = "delete it and re-run encode, which rewrites only missing files: " + ENCODE_HINT
 PNG_COLOUR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}
 _HEADER_BYTES = 4096  # a .npy header is at most this long for any 3-D shape
@@ -144,6 +148,8 @@ class CustomDataset(torch.utils.data.Dataset):
     mode="latent+pixel": ``PairedItem(image uint8 [3,H,W], moments, label)``, the same as mode="latent" with
         return_images=True: REPA's encoders read the image next to its latent. Both folders must
         list the same items (count, labels and the index in each file name), checked at start-up.
+    pixel_flag: the calling tool's flag for pixel space (train.py's "--vae none"), named in the
+        message when only images are there (default: this class's mode='pixel').
     check_all_headers: parse every .npy header at start-up (one small read per file, minutes for
         1.28M files). By default the first and last headers are parsed and every file's size is
         checked against them, and each read compares the file's header bytes (a memcmp).
@@ -157,7 +163,7 @@ class CustomDataset(torch.utils.data.Dataset):
     Every layout problem raises DatasetError here, naming the file and the fix.
     """
 
-    def __init__(self, data_dir, mode="latent", return_images=False, check_all_headers=False):
+    def __init__(self, data_dir, mode="latent", return_images=False, check_all_headers=False, pixel_flag=None):
         if mode not in ("latent", "pixel", "latent+pixel"):
             raise ValueError(f"mode must be 'latent', 'pixel' or 'latent+pixel', got {mode!r}")
         if mode == "latent+pixel":
@@ -177,9 +183,14 @@ class CustomDataset(torch.utils.data.Dataset):
                 f"{'pixel mode' if mode == 'pixel' else 'return_images=True'} needs the PNGs: {convert_fix}"
             )
         if mode == "latent" and self._latents is None:
+            if self._images is None:
+                raise DatasetError(f"{data_dir} holds neither {IMAGES_DIR}/ nor {LATENTS_DIR}/ (nor their .zip); "
+                                   f"{convert_fix}, then {ENCODE_HINT.format(d=data_dir)}")
+            pixel = pixel_flag or "mode='pixel'"  # the tool's flag, else this class's argument
             raise DatasetError(
-                f"{os.path.join(data_dir, LATENTS_DIR)} (or {LATENTS_DIR}.zip) not found; {encode_fix} "
-                "(or train in pixel space with mode='pixel')"
+                f"{os.path.join(data_dir, LATENTS_DIR)} (or {LATENTS_DIR}.zip) not found next to "
+                f"{os.path.join(data_dir, IMAGES_DIR)}; encode them: {ENCODE_HINT.format(d=data_dir)}, or use the "
+                f"images as they are with {pixel}"
             )
 
         self.image_files, self.latent_files = [], []
@@ -255,7 +266,11 @@ class CustomDataset(torch.utils.data.Dataset):
         if bad:
             raise DatasetError(f"{len(bad)} bad images: {_show(bad, 2)}; expected {self.image_shape[2]}x"
                                f"{self.image_shape[1]} 8-bit RGB PNGs like {self._images.full_path(first)}; "
-                               f"{IMAGE_FIX.format(what='them', d=self.data_dir)}")
+                               f"{self._image_fix('them')}")
+
+    def _image_fix(self, what):
+        _, h, w = self.image_shape
+        return IMAGE_FIX.format(what=what, d=self.data_dir, w=w, h=h)
 
     def _check_pairing(self, image_labels, fix):
         """images/ and vae-sd/ must describe the same images in the same order."""
@@ -292,7 +307,7 @@ class CustomDataset(torch.utils.data.Dataset):
         import PIL.Image
 
         name = self.image_files[idx]
-        fix = IMAGE_FIX.format(what="it", d=self.data_dir)
+        fix = self._image_fix("it")
         try:
             with PIL.Image.open(io.BytesIO(self._images.read(name))) as img:
                 mode, array = img.mode, np.array(img)

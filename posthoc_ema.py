@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from errors import UserError, run_cli
+from flagcheck import AT_LEAST_0, check_ranges
 from models.checkpoint import CheckpointError, atomic_save, load_checkpoint_file
 
 SNAPSHOT_DIR = "posthoc-ema"              # <exp>/posthoc-ema/<step:07d>.pt
@@ -447,7 +448,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=DEFAULT_OUT,
                         help="output .pt; {sigma_rel}, {step}, {exp_dir} are filled in (default: %(default)s)")
     parser.add_argument("--snapshot-dir", default=None, help="snapshot folder (default: <exp>/posthoc-ema)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_ranges(parser, args, {"step": AT_LEAST_0})
+    return args
 
 
 def cli(argv=None):

@@ -23,11 +23,18 @@ import torch.nn.functional as F
 
 from dataset import CustomDataset
 from errors import UserError, run_cli
+from fileio import check_writable
+from flagcheck import AT_LEAST_0, AT_LEAST_1, UNIT, check_ranges
 from loss import PATH_TYPES, interpolant
 from models.checkpoint import load_model
 from models.config import MODEL_NAMES, ConfigError
 from models.vae import sample_posterior, uint8_to_pixels
 from seeding import derive_seed
+
+
+RANGES = {"timesteps": UNIT, "num_train": AT_LEAST_1, "num_test": AT_LEAST_1, "batch_size": AT_LEAST_1,
+          "num_workers": AT_LEAST_0, "seed": AT_LEAST_0, "epochs": AT_LEAST_1, "weight_decay": AT_LEAST_0,
+          "layers_per_fit": AT_LEAST_1}
 
 
 class ProbeError(UserError, RuntimeError):
@@ -215,7 +222,7 @@ def open_dataset(data_dir, data_mode, ckpt_in_channels=None):
     if data_mode == "auto":
         has_latents = any(os.path.exists(os.path.join(data_dir, p)) for p in ("vae-sd", "vae-sd.zip"))
         data_mode = "pixel" if ckpt_in_channels == 3 or not has_latents else "latent"
-    dataset = CustomDataset(data_dir, mode=data_mode)
+    dataset = CustomDataset(data_dir, mode=data_mode, pixel_flag="--data-mode pixel")
     if data_mode == "pixel":
         channels, side, _ = dataset.image_shape
     else:
@@ -301,15 +308,15 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty on the probe weights")
     p.add_argument("--layers-per-fit", type=int, default=None, help="fit layers in chunks (GPU memory)")
     p.add_argument("--out", default="probe-results", help="folder for probe.json and probe.png")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_ranges(p, args, RANGES)
+    return args
 
 
 def run(args):
     """Extract, fit and report; returns the dict written to probe.json."""
-    for t in args.timesteps:
-        if not 0.0 <= t <= 1.0:
-            raise ProbeError(f"--timesteps {t:g} is outside [0, 1]")
-    if not os.path.isfile(args.ckpt):
+    check_writable(args.out, "--out")  # before any work: a file or read-only --out costs seconds, not a probe
+    if not os.path.exists(args.ckpt):
         raise ProbeError(f"--ckpt {args.ckpt} does not exist")
     if not os.path.isdir(args.data_dir):
         raise ProbeError(f"--data-dir {args.data_dir} is not a folder")

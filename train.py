@@ -22,42 +22,52 @@ from models.fused import add_lever_flags
 from posthoc_ema import parse_sigma_rels
 from provenance import run_record
 from samplers import unwrap_model
-from training.checkpoints import FRESH_START, open_resume_checkpoint, remove_checkpoints, restore_training_state
+from training.checkpoints import FRESH_START, folder_run_id, open_resume_checkpoint, restore_training_state
 from training.data_order import build_dataloader, global_batch_size
-from training.errors import TrainingError
 from training.evaluation import TrainingEval
-from training.flags import check_args, parse_step_list
+from training.flags import check_args, explicit_flags, parse_step_list, resume_recipe
 from training.init_from import describe_init, init_from
-from training.log import log_run_summary, logger, write_run_record
+from training.log import logger
 from training.loop import TrainingRun, train_loop
 from training.optimizer import CLASSIFIER_LR, CLASSIFIER_LR_SIT_B, build_optimizer
 from training.posthoc import PosthocTracking
-from training.setup import (build_loss, build_model, check_data_vae, compile_model, data_geometry,
-                            load_alignment_encoders, load_preview_vae, make_accelerator, open_dataset,
-                            prepare_run_folder, training_config)
+from training.setup import (build_loss, build_model, check_classes, check_data_vae, check_launch, compile_model,
+                            data_geometry, load_alignment_encoders, load_preview_vae, make_accelerator, open_dataset,
+                            prepare_run_folder, removed_if_refused, training_config)
 from training.trackers import tracker_config
 
 
 def main(args):
     """Train; returns the final step. Raises TrainingError on bad flags/data, TrainingDiverged
-    after --max-nonfinite consecutive non-finite steps."""
-    # ---- setup: the run folder, then the data; every user error surfaces here, before any training ----
+    after --max-nonfinite consecutive non-finite steps. A start refused before the loop leaves
+    no experiment folder it created and changes nothing of an existing run's files."""
     exp_dir = os.path.join(args.output_dir, args.exp_name)
     accelerator = make_accelerator(args, exp_dir)
+    with removed_if_refused(exp_dir, accelerator):
+        run = start_run(args, accelerator, exp_dir)
+    return train_loop(run)
+
+
+def start_run(args, accelerator, exp_dir):
+    """Every check and every part of the run, in order; nothing on disk changes but the new log."""
+    # ---- setup: the run folder, the checkpoint to resume and its recipe, then the data ----
     checkpoint_dir = prepare_run_folder(args, accelerator, exp_dir)
     is_main = accelerator.is_main_process
+    resume_path, resumed = open_resume_checkpoint(checkpoint_dir, args.resume_step,
+                                                  warn=logger.warning if is_main else None,
+                                                  run_id=folder_run_id(exp_dir))
+    changes = []
+    if resumed is not None:  # what the command leaves out comes from the run; what it changes is logged
+        args, changes = resume_recipe(args, resumed, resume_path, resumed.get("steps"), logger)
+    check_launch(args, accelerator)
     dataset = open_dataset(args, paired=bool(args.enc_type))  # REPA: images next to the latents
     vae = load_preview_vae(args, accelerator)
     check_data_vae(args, dataset, vae)
     in_channels, input_size = data_geometry(args, dataset, vae)
 
     # ---- model config (flags + data, or the checkpoint being resumed), model, optimizer, loss ----
-    resume_path, resumed = open_resume_checkpoint(checkpoint_dir, args.resume_step,
-                                                  warn=logger.warning if is_main else None)
     config = training_config(args, in_channels, input_size, resumed, f"checkpoint {resume_path}")
-    if dataset.num_classes > config.num_classes:
-        raise TrainingError(f"--num-classes {config.num_classes} is smaller than the {dataset.num_classes} classes "
-                            f"of {args.data_dir} (labels up to {int(dataset.labels.max())})")
+    check_classes(args, config, dataset, fresh=resumed is None)
     if config.aligned and args.vae != "none" and not dataset.return_images:  # resumed REPA run without --enc-type
         dataset = open_dataset(args, paired=True)
     encoders, encoder_records = load_alignment_encoders(args, config, dataset.resolution, accelerator.device,
@@ -76,12 +86,11 @@ def main(args):
     if resumed is not None:
         start = restore_training_state(resumed, resume_path, args, config, unwrap_model(model), ema, optimizer,
                                        accelerator.scaler, dataset, logger)
-    elif args.overwrite and is_main:  # refused without --overwrite (refuse_overwrite, at start-up)
-        remove_checkpoints(checkpoint_dir, log=logger.warning)
     provenance = run_record(resumed and resumed.get("provenance"), args.data_dir, dataset, accelerator.num_processes,
                             accelerator.mixed_precision)
     provenance["init_from"] = init_record or ((resumed or {}).get("provenance") or {}).get("init_from")
     provenance["encoders"] = encoder_records or None  # REPA: what the alignment targets came from
+    provenance["recipe_changes"] = (((resumed or {}).get("provenance") or {}).get("recipe_changes") or []) + changes
     posthoc = None  # post-hoc EMA profiles, on the main process (updated after every step)
     if args.posthoc_ema_sigma_rels and is_main:
         posthoc = PosthocTracking(unwrap_model(model), parse_sigma_rels(args.posthoc_ema_sigma_rels),
@@ -90,21 +99,18 @@ def main(args):
     evaluation = TrainingEval(args, config, accelerator, exp_dir, vae, provenance["run_id"],
                               lambda decoder: check_data_vae(args, dataset, decoder)) if args.eval_every else None
 
-    # ---- the loop ----
+    # ---- the loop's parts; train_loop changes the run's files only from here on ----
     total_steps = min(args.max_train_steps, math.ceil(args.epochs * len(dataset) / global_batch_size(args)))
     data_iter = iter(build_dataloader(args, dataset, accelerator, start.step, start.samples_seen))
-    if is_main:
-        write_run_record(exp_dir, args, config, provenance)
-        log_run_summary(args, config, dataset, accelerator, total_steps, exp_dir, provenance)
     accelerator.init_trackers(project_name="LSEP", config=tracker_config(args, config),
                               init_kwargs={"wandb": {"name": args.exp_name, "dir": exp_dir}})
-    return train_loop(TrainingRun(
+    return TrainingRun(
         args=args, config=config, accelerator=accelerator, model=model, ema=ema, optimizer=optimizer,
         loss_fn=build_loss(args, config), dataset=dataset, data_iter=data_iter, vae=vae, encoders=encoders,
         provenance=provenance, exp_dir=exp_dir, checkpoint_dir=checkpoint_dir, step=start.step,
         samples_seen=start.samples_seen, nonfinite=start.nonfinite, last_checkpoint=resume_path,
         total_steps=total_steps, posthoc=posthoc, evaluation=evaluation,
-        nan_steps=frozenset(parse_step_list(args.debug_nan_steps))))
+        nan_steps=frozenset(parse_step_list(args.debug_nan_steps)), overwrite=args.overwrite and start.step == 0)
 
 
 def parse_args(argv=None):
@@ -159,7 +165,7 @@ def parse_args(argv=None):
     parser.add_argument("--vae", type=str, default="mse",
                         help="preview decoder: ema | mse | hub name | folder; none = pixel-space training on images/")
     # precision
-    parser.add_argument("--allow-tf32", action="store_true")
+    parser.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--mixed-precision", type=str, default="fp16", choices=["no", "fp16", "bf16"])
     # optimization
     parser.add_argument("--epochs", type=int, default=1400)
@@ -250,6 +256,7 @@ def parse_args(argv=None):
     parser.add_argument("--debug-nan-steps", type=str, default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     check_args(parser, args)
+    args.explicit_flags = explicit_flags(parser, argv)  # on resume, the others come from the checkpoint
     return args
 
 

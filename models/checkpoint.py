@@ -3,11 +3,18 @@
 Reads our checkpoints and the authors' (``{"model", "ema", "opt", "args", "steps"}``), official
 SiT and REPA checkpoints (no ``classifier.*``; REPA adds ``projectors.*``), and bare state
 dicts. Writes atomically: a crash mid-save leaves the previous file intact.
+
+Integrity: every checkpoint this code writes carries ``checkpoint["integrity"]``, the sha256 of
+each of its entries' content, computed when it is written (``seal``); every load verifies the
+entries it uses against it (``verify``), so bytes damaged inside a tensor (which ``torch.load``
+does not notice) are one line naming the file, not NaN weights. Files without the record (the
+authors', older ones) load as before, unverified.
 """
 import argparse
 import hashlib
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -33,23 +40,123 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 
+#################################################################################
+#                   Integrity: content hashes written with the file             #
+#################################################################################
+
+INTEGRITY_KEY = "integrity"  # {entry: sha256 of its content}, written with the checkpoint
+HASH_THREADS = min(8, os.cpu_count() or 1)  # hashlib releases the GIL: entries and tensors hash in parallel
+
+
+def _tensor_bytes(tensor):
+    tensor = tensor.detach().cpu().contiguous()
+    return tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b""
+
+
+def _leaves(obj, path=""):
+    """(path, leaf) of a nested checkpoint entry, in a fixed order (dict keys sorted by repr)."""
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    if isinstance(obj, dict):
+        for key in sorted(obj, key=repr):
+            yield from _leaves(obj[key], f"{path}/{key!r}")
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            yield from _leaves(item, f"{path}[{i}]")
+    else:
+        yield path, obj
+
+
+def tree_sha256(obj):
+    """Content hash of any checkpoint entry (nested dicts, lists, tensors, numbers, strings): the
+    sha256 of one line per leaf (its path, its type, and the sha256 of a tensor's dtype, shape
+    and bytes or the repr of any other value); tensors are hashed in parallel."""
+    leaves = list(_leaves(obj))
+
+    def leaf(item):
+        path, value = item
+        if torch.is_tensor(value):
+            digest = hashlib.sha256(f"{value.dtype}|{tuple(value.shape)}|".encode())
+            digest.update(_tensor_bytes(value))
+            return f"{path}|tensor|{digest.hexdigest()}"
+        return f"{path}|{type(value).__name__}|{value!r}"
+
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        lines = list(pool.map(leaf, leaves))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _is_state_dict(value):
+    return isinstance(value, dict) and bool(value) and all(isinstance(k, str) and torch.is_tensor(v)
+                                                           for k, v in value.items())
+
+
+def entry_sha256(value):
+    """The recorded hash of one entry: ``weights_sha256`` for a state dict (so ``model`` / ``ema``
+    record the very hash that sample sets and provenance use), ``tree_sha256`` for anything else."""
+    return weights_sha256(value) if _is_state_dict(value) else tree_sha256(value)
+
+
+def seal(checkpoint):
+    """``checkpoint`` with its integrity record: the sha256 of every entry, computed in parallel."""
+    if not isinstance(checkpoint, dict):
+        return checkpoint
+    entries = [key for key in checkpoint if key != INTEGRITY_KEY]
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        digests = dict(zip(entries, pool.map(lambda key: entry_sha256(checkpoint[key]), entries)))
+    return {**checkpoint, INTEGRITY_KEY: digests}
+
+
+def verify(checkpoint, path, entries=None):
+    """Check ``entries`` of a loaded checkpoint (all recorded ones when None) against its integrity
+    record. Returns the {entry: sha256} verified, or None when the file records no hashes (the
+    authors', older ones). A mismatch or an entry missing from the file is a CheckpointError."""
+    record = checkpoint.get(INTEGRITY_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(record, dict):
+        return None
+    entries = [e for e in (record if entries is None else entries) if e in record]
+    missing = [e for e in entries if e not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is damaged: it lacks the entries {missing} it was written with; "
+                              "restore it from a backup or use another checkpoint")
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        found = dict(zip(entries, pool.map(lambda key: entry_sha256(checkpoint[key]), entries)))
+    for entry, digest in found.items():
+        if digest != record[entry]:
+            raise CheckpointError(f"checkpoint {path} is damaged: its {entry!r} entry does not match the sha256 "
+                                  f"recorded when it was written ({digest[:12]} now, {record[entry][:12]} then); "
+                                  "restore it from a backup or use another checkpoint")
+    return found
+
+
 def atomic_save(obj, path):
-    """torch.save via fileio.atomic_write: temporary `.tmp-<host>-<pid>-<name>`, fsync, rename over
-    ``path``. A crash leaves the previous file intact; a full disk raises fileio.DiskFull (one line)."""
+    """torch.save of ``seal(obj)`` via fileio.atomic_write: temporary `.tmp-<host>-<pid>-<name>`,
+    fsync, rename over ``path``. A crash leaves the previous file intact; a full disk raises
+    fileio.DiskFull (one line)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda f: torch.save(obj, f), expected_bytes=payload_bytes(obj))
+    sealed = seal(obj)
+    atomic_write(path, lambda f: torch.save(sealed, f), expected_bytes=payload_bytes(sealed))
 
 
-def load_checkpoint_file(path):
-    """torch.load on CPU with safe unpickling (argparse.Namespace allowed, as the authors store args)."""
+def load_checkpoint_file(path, verify_entries="all"):
+    """torch.load on CPU with safe unpickling (argparse.Namespace allowed, as the authors store args),
+    then ``verify`` of ``verify_entries`` ("all" recorded entries, a list of entries, or None)."""
+    if os.path.isdir(path):
+        found = sorted(name for name in os.listdir(path) if name.endswith(".pt"))
+        raise CheckpointError(f"checkpoint {path} is a folder, not a .pt file"
+                              + (f"; pass a file inside it, e.g. {os.path.join(path, found[-1])}" if found else
+                                 "; pass a checkpoint file, e.g. EXP/checkpoints/0400000.pt"))
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         # mmap: ranks that load the same file share its pages instead of each holding a copy
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated zip, not a torch file, ...
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
                               "it may be truncated or not a PyTorch checkpoint") from None
+    if verify_entries is not None:
+        verify(checkpoint, path, None if verify_entries == "all" else verify_entries)
+    return checkpoint
 
 
 def checkpoint_args(checkpoint, name, default=None):
@@ -271,6 +378,7 @@ class LoadedModel:
     kind: str
     steps: int = None
     provenance: dict = field(default_factory=dict)
+    verified: bool = False  # the weights matched the content hash recorded when the file was written
 
     def identity(self):
         """The checkpoint's part of a sample set's identity."""
@@ -278,14 +386,28 @@ class LoadedModel:
                 "steps": self.steps, "run_id": self.provenance.get("run_id")}
 
 
+def _holds_tensors(value):
+    return any(torch.is_tensor(leaf) for _, leaf in _leaves(value))
+
+
 def load_model(path, given=None, defaults=None, which="ema", fused_attn=True, checkpoint=None, hash_weights=True):
     """Rebuild the model of any checkpoint (ours, the authors', SiT, REPA, bare state dicts) with
     its ``which`` weights; see ``config_from_checkpoint`` for ``given`` and ``defaults``.
-    ``checkpoint``: the already loaded file, to avoid reading it twice. ``hash_weights=False``
-    skips the sha256 of the weights (seconds for SiT-XL/2) where nobody reads it."""
+    ``checkpoint``: the already loaded (and verified) file, to avoid reading it twice.
+
+    A file read here is verified against its integrity record: the weights used and every entry
+    without tensors (config, provenance, args, steps); the other weights and the optimizer state
+    are not read. ``hash_weights=False`` skips the sha256 of unrecorded weights (seconds for
+    SiT-XL/2) where nobody reads it; recorded ones are always hashed, to verify them."""
     from models.sit import SiT
 
-    checkpoint = load_checkpoint_file(path) if checkpoint is None else checkpoint
+    verified = None
+    if checkpoint is None:
+        checkpoint = load_checkpoint_file(path, verify_entries=None)
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(INTEGRITY_KEY), dict):
+            used = weights_entry(checkpoint, which)
+            verified = verify(checkpoint, path, [e for e in checkpoint[INTEGRITY_KEY] if e == used or
+                                                 (e in checkpoint and not _holds_tensors(checkpoint[e]))])
     state = extract_state_dict(checkpoint, which)
     source = f"checkpoint {path}"
     config, kind = config_from_checkpoint(checkpoint, state, given, defaults, source)
@@ -293,8 +415,11 @@ def load_model(path, given=None, defaults=None, which="ema", fused_attn=True, ch
     report = load_state_into(model, state, source=source)
     is_dict = isinstance(checkpoint, dict)
     used = weights_entry(checkpoint, which)
+    digest = (verified or {}).get(used)
+    if digest is None or set(state) != set(checkpoint[used]):  # unrecorded, or wrapper prefixes were stripped
+        digest = weights_sha256(state) if hash_weights else None
     steps = checkpoint.get("steps") if is_dict else None
     return LoadedModel(model=model.eval().requires_grad_(False), config=config, report=report, path=path, which=used,
-                       weights_sha256=weights_sha256(state) if hash_weights else None, kind=kind,
-                       steps=int(steps) if steps is not None else None,
-                       provenance=dict(checkpoint.get("provenance") or {}) if is_dict else {})
+                       weights_sha256=digest, kind=kind, steps=int(steps) if steps is not None else None,
+                       provenance=dict(checkpoint.get("provenance") or {}) if is_dict else {},
+                       verified=verified is not None)

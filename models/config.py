@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 
 from errors import UserError
+from flagcheck import AT_LEAST_1, UNIT
 
 # name -> (depth, hidden_size, num_heads); the single place model sizes live.
 SIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -49,6 +50,13 @@ CROP_SWITCH = ("random_crop", "--random-crop")
 # REPA alignment fields: left out of ``to_dict`` while alignment is off, so a run without it stores
 # the same config as before they existed (and older code still reads it).
 ALIGNMENT_FIELDS = ("enc_type", "z_dims", "projector_dim", "align_depth")
+
+
+INT_FIELDS = ("input_size", "in_channels", "num_classes", "depth", "hidden_size", "num_heads", "patch_size",
+              "encoder_depth")
+# The range rule of each numeric field: ModelConfig validates with it, and train.py checks the
+# flags that set these fields against it at parse time (training.flags), so the rule is written once.
+FIELD_RANGES = {**{key: AT_LEAST_1 for key in INT_FIELDS}, "class_dropout_prob": UNIT, "uncond_prob": UNIT}
 
 
 def flag_dest(flag):
@@ -157,13 +165,13 @@ class ModelConfig:
         missing = [FLAGS[k] for k in ("depth", "hidden_size", "num_heads", "patch_size") if getattr(self, k) is None]
         if missing:
             raise ConfigError(f"--model custom needs {', '.join(missing)}")
-        for key in ("input_size", "in_channels", "num_classes", "depth", "hidden_size", "num_heads", "patch_size",
-                    "encoder_depth"):
+        for key in INT_FIELDS:
             set_(key, int(getattr(self, key)))
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{FLAGS[key]} must be >= 1, got {getattr(self, key)}")
         for key in ("mlp_ratio", "class_dropout_prob", "uncond_prob"):
             set_(key, float(getattr(self, key)))
+        for key, rule in FIELD_RANGES.items():
+            if not rule.holds(getattr(self, key)):
+                raise ConfigError(f"{FLAGS[key] or key} must be {rule.describe()}, got {getattr(self, key)}")
         # the name follows the sizes (one source): overridden sizes make a 'custom' model
         set_("model", model_name_for(self.depth, self.hidden_size, self.num_heads, self.patch_size))
         set_("qk_norm", bool(self.qk_norm))
@@ -175,9 +183,6 @@ class ModelConfig:
             raise ConfigError(f"--hidden-size {self.hidden_size} is not divisible by --num-heads {self.num_heads}")
         if not 1 <= self.encoder_depth <= self.depth:
             raise ConfigError(f"--encoder-depth {self.encoder_depth} must be in [1, depth={self.depth}]")
-        for key in ("class_dropout_prob", "uncond_prob"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"{FLAGS[key]} must be in [0, 1], got {getattr(self, key)}")
         if self.path_type not in PATH_TYPES:
             raise ConfigError(f"--path-type {self.path_type!r}: choose one of {', '.join(PATH_TYPES)}")
         if self.crop_start is not None or self.crop_end is not None:

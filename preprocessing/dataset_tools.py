@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from errors import run_cli  # noqa: E402
+from flagcheck import AT_LEAST_0, AT_LEAST_1, check_ranges  # noqa: E402
 from preprocessing.transforms import TRANSFORMS  # noqa: E402
 
 
@@ -58,9 +59,14 @@ def build_parser():
     return parser
 
 
+RANGES = {"max_images": AT_LEAST_1, "workers": AT_LEAST_0, "batch_size": AT_LEAST_1}
+
+
 def main(argv=None):
     """A UserError is printed as one line with exit status 1; anything else keeps its traceback."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_ranges(parser, args, RANGES)
     return run_cli(lambda _: run(args), None, prefix=f"dataset_tools.py {args.command}: error: ", exit_code=1,
                    message_in_exit=True)
 

@@ -107,8 +107,7 @@ def test_png_of_another_size_or_mode(data):
     line = dataset_error_line(_worker_error(ds, 1))
     assert line.endswith("is a 16x16 RGB image, expected 8x8 RGB like the first image; restore it from a good copy, "
                          "or re-run convert into a new folder: " + "python preprocessing/dataset_tools.py convert "
-                         f"--source IMAGENET/train --dest {data}/images --resolution 256x256 "
-                         "--transform center-crop-dhariwal")
+                         f"--source CLASS_FOLDERS --dest {data}/images --resolution 8x8")  # the data's own size
     assert f"{image_name(4)} is a 8x8 L image" in dataset_error_line(_worker_error(ds, 4))
 
 

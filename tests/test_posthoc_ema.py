@@ -297,7 +297,7 @@ def test_cli_writes_generate_checkpoint_from_template(tmp_path, capsys):
     paths = [p for _, p in pe.list_step_files(os.path.join(exp, "posthoc-ema"))]
     for sigma, tracked in ((0.07, None), (0.05, tracker.ema[0])):
         written = load_checkpoint_file(out.format(sigma_rel=sigma))
-        assert set(written) == (set(template) - {"opt", "scaler"}) | {"posthoc_ema"}
+        assert set(written) == (set(template) - {"opt", "scaler"}) | {"posthoc_ema", "integrity"}  # sealed
         assert written["args"] == template["args"] and written["steps"] == 40 and written["data"] == template["data"]
         assert list(written["ema"]) == list(template["ema"])  # same keys in the same order
         expected = pe.reconstruct(paths, sigma)

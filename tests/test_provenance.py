@@ -18,6 +18,7 @@ from sampling.errors import GenerateError
 from sampling.identity import PROVENANCE_FILE, read_npz_identity
 import probe
 import train
+from training.errors import TrainingError
 from models import ModelConfig, SiT
 from models.checkpoint import atomic_save, config_from_checkpoint, load_model, weights_sha256
 from models.config import DEFAULTS, ConfigError, resolve_config
@@ -249,7 +250,7 @@ def test_resume_takes_the_config_from_the_checkpoint(tmp_path, fresh_accelerate_
     assert checkpoint["config"] == first["config"] and checkpoint["config"]["path_type"] == "cosine"
     assert checkpoint["provenance"]["run_id"] == first["provenance"]["run_id"]  # one run across resumes
     fresh_accelerate_state_reset()
-    with pytest.raises(train.TrainingError, match="--path-type linear contradicts checkpoint .*path_type=cosine"):
+    with pytest.raises(TrainingError, match="--path-type linear contradicts checkpoint .*path_type=cosine"):
         train.main(train.parse_args(tiny_argv(data, tmp_path, "cos", "--path-type", "linear", "--max-train-steps", 4,
                                               "--resume-step", -1)))
 
@@ -315,7 +316,7 @@ def test_encode_refuses_latents_of_another_vae_and_train_checks_vae(tmp_path, fr
     # train.py: the preview decoder must share the latents' encoder
     from test_train import tiny_argv
     argv = tiny_argv(str(data), tmp_path, "vae", "--resolution", 32, "--max-train-steps", 1, "--sampling-steps", 1)
-    with pytest.raises(train.TrainingError, match=r"--vae .*vae_b is not the VAE that encoded"):
+    with pytest.raises(TrainingError, match=r"--vae .*vae_b is not the VAE that encoded"):
         train.main(train.parse_args(argv + ["--vae", vae_b]))
     fresh_accelerate_state_reset()
     train.main(train.parse_args(argv + ["--vae", vae_a_decoder]))

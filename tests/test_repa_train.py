@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import generate
 import train
+from training.errors import TrainingError
 from loss import LSEPLoss
 from models import ModelConfig, SiT
 from models import encoders as enc
@@ -398,11 +399,11 @@ def test_repa_flags_are_checked(files, tmp_path):
     # no weights: one line naming the flag and the file to get
     argv = train_argv(files, tmp_path, "none", "repa", "--max-train-steps", 1)
     argv[argv.index("--enc-path") + 1] = str(tmp_path / "missing.pth")
-    with pytest.raises(train.TrainingError, match="--enc-type dinov2-vit-b: weights file .*missing.pth does not"):
+    with pytest.raises(TrainingError, match="--enc-type dinov2-vit-b: weights file .*missing.pth does not"):
         run(argv)
     # alignment cannot be added to a resumed run without projectors
     run(train_argv(files, tmp_path, "plain", "lsep", "--max-train-steps", 1))
-    with pytest.raises(train.TrainingError, match="(--enc-type|--projector-dim|--align-depth) .* contradicts"):
+    with pytest.raises(TrainingError, match="(--enc-type|--projector-dim|--align-depth) .* contradicts"):
         run(train_argv(files, tmp_path, "plain", "repa_lsep", "--max-train-steps", 2, "--resume-step", 1))
 
 
@@ -420,7 +421,7 @@ def test_encoder_weights_are_recorded_and_a_resume_with_others_is_refused(files,
     torch.save(tiny_vit("dinov2-vit-b", 2).state_dict(), other)
     argv = train_argv(files, tmp_path, "rec", "repa", "--max-train-steps", 3, "--resume-step", 2)
     argv[argv.index("--enc-path") + 1] = str(other)
-    with pytest.raises(train.TrainingError, match=r"--enc-type dinov2-vit-b: the weights given .* are not the ones "
+    with pytest.raises(TrainingError, match=r"--enc-type dinov2-vit-b: the weights given .* are not the ones "
                                                   r".*0000002.pt was trained with"):
         run(argv)
     assert ckpt(tmp_path, "rec", 2)["provenance"]["encoders"] == recorded and \

@@ -21,7 +21,7 @@ from models.config import CROP_SWITCH, DERIVED_FIELDS, FLAGS, ModelConfig, flag_
 
 SCRIPTS = {"train", "generate", "probe", "demo"}  # entry points: nothing in a package imports them
 LIBRARIES = ("models", "training", "sampling", "evaluator", "preprocessing", "loss", "dataset", "samplers",
-             "fileio", "seeding", "errors", "provenance", "posthoc_ema")
+             "fileio", "seeding", "errors", "provenance", "posthoc_ema", "flagcheck")
 # function-local imports of project modules that stay, each for start-up time or an optional stack
 ALLOWED_LOCAL = {
     ("models", "models.sit"), ("models", "models.config"),  # `import models` without timm

@@ -7,6 +7,7 @@ A checkpoint is ``<output-dir>/<exp-name>/checkpoints/<step:07d>.pt`` holding th
 crash mid-save leaves the previous checkpoint intact.
 """
 import argparse
+import json
 import os
 import re
 import time
@@ -15,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from fileio import DiskFull, atomic_write, payload_bytes
-from models.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_state_into
+from models.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_state_into, seal
 from training.data_order import global_batch_size
 from training.errors import TrainingError, first_line
 from training.optimizer import set_learning_rates
@@ -134,31 +135,61 @@ def remove_checkpoints(checkpoint_dir, log=print):
         log(f"--overwrite: deleted the {len(available)} checkpoints of the previous run in {checkpoint_dir}")
 
 
-def open_resume_checkpoint(checkpoint_dir, resume_step, warn=print):
-    """(path, checkpoint loaded with mmap) to resume from, or (None, None) for a fresh run.
+def folder_run_id(exp_dir):
+    """The run id this experiment folder belongs to (``<exp>/args.json``, written at each start), or None."""
+    try:
+        with open(os.path.join(exp_dir, "args.json")) as f:
+            return ((json.load(f).get("provenance") or {}).get("run_id")) or None
+    except (OSError, ValueError, AttributeError):
+        return None
 
-    -1: the newest readable checkpoint; each unreadable newer one (truncated, not a torch file) is
-    reported through ``warn`` and skipped (torch.load with mmap reads the zip directory at the
-    end of the file, so a truncated file fails at once without reading 10 GB). N: exactly that
-    step; missing or unreadable is a TrainingError saying what else there is.
+
+def check_belongs(checkpoint, path, step, run_id):
+    """A checkpoint in this run's folder must hold the step its file name says, and come from this
+    run (when both record a run id): another run's file copied in would otherwise be adopted."""
+    if not isinstance(checkpoint, dict):
+        return
+    inside = checkpoint.get("steps")
+    if inside is not None and int(inside) != step:
+        raise TrainingError(f"{path} holds step {int(inside)}, not the step {step} its name says (a file renamed or "
+                            f"copied in); move it out of {os.path.dirname(path)}, or rename it to "
+                            f"{int(inside):07d}.pt if it is this run's")
+    theirs = (checkpoint.get("provenance") or {}).get("run_id")
+    if run_id and theirs and theirs != run_id:
+        raise TrainingError(f"{path} belongs to run {theirs}, not to this folder's run {run_id} (args.json); move it "
+                            f"out of {os.path.dirname(path)}, or pass it as --init-from to a new --exp-name")
+
+
+def open_resume_checkpoint(checkpoint_dir, resume_step, warn=print, run_id=None):
+    """(path, checkpoint loaded with mmap and verified) to resume from, or (None, None) for a fresh run.
+
+    -1: the newest readable checkpoint; each unreadable or damaged newer one (truncated, not a
+    torch file, content unlike its recorded hashes) is reported through ``warn`` and skipped
+    (torch.load with mmap reads the zip directory at the end of the file, so a truncated file
+    fails at once without reading 10 GB). N: exactly that step; missing or unreadable is a
+    TrainingError naming the other steps. Either way, a file of another run or another step
+    (``check_belongs``, ``run_id`` = the folder's) is refused, before anything is changed.
     """
     if resume_step == 0:
         return None, None
     available = list_checkpoints(checkpoint_dir)
-    listing = ", ".join(str(s) for s, _ in available) or "none"
     if resume_step > 0:
         path = dict(available).get(resume_step)
+        others = ", ".join(str(s) for s, _ in available if s != resume_step) or "none"
         if path is None:
             raise TrainingError(f"--resume-step {resume_step}: {checkpoint_path(checkpoint_dir, resume_step)} does "
-                                f"not exist; available steps in {checkpoint_dir}: {listing} (--resume-step -1 takes "
+                                f"not exist; available steps in {checkpoint_dir}: {others} (--resume-step -1 takes "
                                 "the latest)")
         try:
-            return path, load_checkpoint_file(path)
+            checkpoint = load_checkpoint_file(path)
         except CheckpointError as exc:
-            raise TrainingError(f"--resume-step {resume_step}: {first_line(exc)}; pass another step ({listing}) or "
-                                "--resume-step -1 for the newest readable one") from None
+            raise TrainingError(f"--resume-step {resume_step}: {first_line(exc)}; "
+                                + (f"pass another step ({others}) or " if others != "none" else "")
+                                + "--resume-step -1 for the newest readable one") from None
+        check_belongs(checkpoint, path, resume_step, run_id)
+        return path, checkpoint
     bad = []
-    for _, path in reversed(available):
+    for step, path in reversed(available):
         try:
             checkpoint = load_checkpoint_file(path)
         except CheckpointError as exc:
@@ -166,6 +197,7 @@ def open_resume_checkpoint(checkpoint_dir, resume_step, warn=print):
             if warn is not None:
                 warn(f"skipping {first_line(exc)}")
             continue
+        check_belongs(checkpoint, path, step, run_id)
         if bad and warn is not None:
             warn(f"resuming from {path}, the newest readable checkpoint ({len(bad)} newer unreadable: "
                  f"{', '.join(bad)}; delete or move them)")
@@ -177,9 +209,12 @@ def open_resume_checkpoint(checkpoint_dir, resume_step, warn=print):
 
 
 def save_checkpoint(checkpoint, path, previous=None, pause=False):
-    """models.checkpoint.atomic_save, with a full disk reported as one line that also names the
-    previous checkpoint (intact: only a temporary was written). ``pause``: the hidden
-    --debug-slow-save-step, which sleeps with the temporary written, before the rename."""
+    """models.checkpoint.atomic_save (the checkpoint sealed with its content hashes), with a full
+    disk reported as one line that also names the previous checkpoint (intact: only a temporary
+    was written). ``pause``: the hidden --debug-slow-save-step, which sleeps with the temporary
+    written, before the rename."""
+    checkpoint = seal(checkpoint)
+
     def write(f):
         torch.save(checkpoint, f)
         if pause:

@@ -11,11 +11,16 @@ from training.optimizer import classifier_learning_rate
 logger = logging.getLogger("lsep.train")
 
 
-def setup_logging(exp_dir, is_main):
-    """Log to stdout and <exp>/log.txt on the main process; warnings only elsewhere."""
+def close_log():
+    """Detach and close the log's handlers (its file in <exp> among them)."""
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
+
+
+def setup_logging(exp_dir, is_main):
+    """Log to stdout and <exp>/log.txt on the main process; warnings only elsewhere."""
+    close_log()
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")

@@ -14,10 +14,10 @@ from loss import LossTerms
 from models.vae import sample_posterior, uint8_to_pixels
 from preprocessing.storage import DatasetError
 from samplers import unwrap_model
-from training.checkpoints import build_checkpoint, checkpoint_path, save_checkpoint
+from training.checkpoints import build_checkpoint, checkpoint_path, remove_checkpoints, save_checkpoint
 from training.data_order import global_batch_size, seed_step
 from training.errors import TrainingDiverged, data_error
-from training.log import logger
+from training.log import log_run_summary, logger, write_run_record
 from training.monitor import NonFiniteGuard, StepStats, append_stats, memory_stats, trim_stats
 from training.posthoc import posthoc_checkpoint_entry
 from training.preview import make_preview, preview_noise
@@ -113,6 +113,7 @@ class TrainingRun:
     posthoc: object = None   # training.posthoc.PosthocTracking on the main process, or None
     evaluation: object = None  # training.evaluation.TrainingEval, or None
     nan_steps: frozenset = frozenset()  # the hidden --debug-nan-steps
+    overwrite: bool = False  # --overwrite: the previous run's checkpoints go when the loop begins
 
     @property
     def stats_path(self):
@@ -124,9 +125,9 @@ def train_loop(run):
     TrainingDiverged after --max-nonfinite consecutive non-finite steps, TrainingDataError when a
     data file turns out damaged mid-run."""
     args, accelerator, is_main = run.args, run.accelerator, run.accelerator.is_main_process
+    if is_main:
+        begin(run)
     run.model.train()
-    if is_main:  # one record per step: a resumed run rewrites the steps after its checkpoint
-        trim_stats(run.stats_path, run.step, log=logger.info)
     preview = preview_noise(args, run.config, accelerator.device) if is_main and args.sampling_steps > 0 else None
     guard, stats = NonFiniteGuard(args.max_nonfinite, **run.nonfinite), StepStats(accelerator.device)
     ema_params, model_params = list(run.ema.parameters()), list(unwrap_model(run.model).parameters())
@@ -179,6 +180,20 @@ def train_loop(run):
         accelerator.end_training()
     logger.info(f"Done: {run.step} steps")
     return run.step
+
+
+def begin(run):
+    """The run's files change only from here, once every start-up check has passed: --overwrite
+    deletes the previous run's checkpoints, stats.jsonl keeps one record per step up to the start
+    (a resumed run writes the later ones again), post-hoc EMA snapshots past the start go, and
+    args.json records this launch."""
+    if run.overwrite:
+        remove_checkpoints(run.checkpoint_dir, log=logger.warning)
+    trim_stats(run.stats_path, run.step, log=logger.info)
+    if run.posthoc is not None:
+        run.posthoc.drop_later_snapshots(run.step, logger.warning)
+    write_run_record(run.exp_dir, run.args, run.config, run.provenance)
+    log_run_summary(run.args, run.config, run.dataset, run.accelerator, run.total_steps, run.exp_dir, run.provenance)
 
 
 def log_window(run, stats, guard, progress, start_time):

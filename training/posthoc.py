@@ -17,10 +17,6 @@ class PosthocTracking:
         self.params = list(model.parameters())
         self.every, self.exp_dir = every, exp_dir
         self.tracker = PowerFunctionEMA(self.params, sigma_rels, step=step)
-        for saved, path in list_step_files(os.path.join(exp_dir, SNAPSHOT_DIR)):
-            if saved > step:  # a longer earlier run's (or an overwritten run's): never mixed with this one's
-                os.remove(path)
-                log(f"removed the post-hoc EMA snapshot {path}: it is past this run's step {step}")
         if resumed is not None:
             state = resumed.get(self.STATE_KEY)
             if state is None:
@@ -30,6 +26,14 @@ class PosthocTracking:
                     self.tracker.load_state_dict(state)
                 except (ValueError, KeyError, TypeError) as exc:
                     raise TrainingError(f"--posthoc-ema-sigma-rels: {resume_path}: {exc}") from None
+
+    def drop_later_snapshots(self, step, log=print):
+        """Remove snapshots past ``step`` (a longer earlier run's, or an overwritten run's: never
+        mixed with this one's); called when the loop begins, after every start-up check."""
+        for saved, path in list_step_files(os.path.join(self.exp_dir, SNAPSHOT_DIR)):
+            if saved > step:
+                os.remove(path)
+                log(f"removed the post-hoc EMA snapshot {path}: it is past this run's step {step}")
 
     def update(self, step):
         self.tracker.update(self.params, step)

@@ -3,14 +3,17 @@
 The accelerator, the data (and its VAE), the model config (flags + data, or the checkpoint being
 resumed), REPA's encoders, the model with its EMA copy, the optimizer and the loss.
 """
+import contextlib
 import copy
 import os
+import shutil
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
 from dataset import CustomDataset
+from errors import UserError
 from fileio import check_writable, remove_stale_temps
 from loss import LSEPLoss
 from models.checkpoint import CheckpointError, config_from_checkpoint, extract_state_dict, weights_sha256
@@ -22,11 +25,12 @@ from models.vae import VAEWeightsMissing, downsample_factor, latent_channels, lo
 from preprocessing.storage import DatasetError
 from training.checkpoints import refuse_overwrite
 from training.errors import TrainingError
-from training.log import logger, setup_logging
+from training.log import close_log, logger, setup_logging
 from training.trackers import ensure_wandb_cannot_hang
 
-DATA_HINT = ("create it with preprocessing/dataset_tools.py: `convert --source IMAGENET/train --dest DATA/images "
-             "--resolution 256x256`, then `encode --source DATA/images --dest DATA/vae-sd` (see its --help)")
+DATA_HINT = ("create it from class folders with preprocessing/dataset_tools.py: `convert --source CLASS_FOLDERS "
+             "--dest DATA/images --resolution WxH`, then `encode --source DATA/images --dest DATA/vae-sd` (or train "
+             "on the images with --vae none); ImageNet's settings are in docs/data.md")
 
 
 def prepare_run_folder(args, accelerator, exp_dir):
@@ -43,10 +47,44 @@ def prepare_run_folder(args, accelerator, exp_dir):
     if accelerator.is_main_process:
         for folder in (checkpoint_dir, exp_dir, os.path.join(exp_dir, "samples")):
             remove_stale_temps(folder, log=logger.info)
+    return checkpoint_dir
+
+
+@contextlib.contextmanager
+def removed_if_refused(exp_dir, accelerator):
+    """A start refused with a UserError inside this block removes the experiment folder when this
+    launch created it (its log of the refusal included): nothing of the user's was in it."""
+    created = accelerator.is_main_process and not os.path.exists(exp_dir)
+    try:
+        yield
+    except UserError:
+        if created and os.path.isdir(exp_dir):
+            close_log()
+            shutil.rmtree(exp_dir, ignore_errors=True)
+        raise
+
+
+def check_launch(args, accelerator):
+    """What depends on the (resumed) recipe and the launch: --batch-size splits over the processes;
+    --allow-tf32 switches TF32 matmuls on."""
     if args.batch_size % accelerator.num_processes:
         raise TrainingError(f"--batch-size {args.batch_size} is not divisible by the {accelerator.num_processes} "
                             "processes; each process takes --batch-size / processes samples per micro-step")
-    return checkpoint_dir
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def check_classes(args, config, dataset, fresh):
+    """The model must know every class of the data; a fresh run with more classes than the data
+    has is allowed (labels index the table) but said at start-up."""
+    if dataset.num_classes > config.num_classes:
+        raise TrainingError(f"--num-classes {config.num_classes} is smaller than the {dataset.num_classes} classes "
+                            f"of {args.data_dir} (labels up to {int(dataset.labels.max())})")
+    if fresh and config.num_classes > dataset.num_classes:
+        logger.warning(f"--num-classes {config.num_classes} is larger than the {dataset.num_classes} classes of "
+                       f"{args.data_dir}: the extra label rows are never trained (pass --num-classes "
+                       f"{dataset.num_classes} to match the data)")
 
 
 def open_dataset(args, paired=False):
@@ -56,7 +94,7 @@ def open_dataset(args, paired=False):
         raise TrainingError(f"--data-dir {args.data_dir} does not exist; {DATA_HINT}")
     mode = "pixel" if args.vae == "none" else "latent+pixel" if paired else "latent"
     try:
-        return CustomDataset(args.data_dir, mode=mode)
+        return CustomDataset(args.data_dir, mode=mode, pixel_flag="--vae none")
     except DatasetError as exc:
         raise TrainingError(f"--data-dir {args.data_dir}: {exc}") from None
 
@@ -173,9 +211,6 @@ def make_accelerator(args, exp_dir):
             print(message)
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainingError("--mixed-precision fp16 needs a GPU; use bf16 or no on CPU")
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
