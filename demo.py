@@ -2,6 +2,13 @@
 
     python demo.py            # or: bash main_LSEP.sh demo
     python demo.py --quick    # the shortened run CI uses (a minute or two)
+    python demo.py --source MY_CLASS_FOLDERS [--resolution 32] [--device auto]   # your own small set
+
+With ``--source`` the same pipeline runs on your own class folders (one subfolder of images per
+class, any sizes): they are converted at ``--resolution``, the model and recipe below are scaled
+to that token grid and the class count is the data's; the class-consistency judge is then a
+logistic regression fitted on your images. ``--device auto`` trains and samples on the GPU when
+torch can use one (precision: the authors' fp16), else on the CPU (no mixed precision).
 
 scikit-learn ships 1797 labelled 8x8 handwritten digits (10 classes). The demo upscales them to
 32x32 RGB, writes them as a class-folder tree, and then runs the same tools as the ImageNet
@@ -29,8 +36,11 @@ import sys
 import time
 
 import numpy as np
+import torch
 from PIL import Image
 
+from dataset import CustomDataset
+from devices import cuda_problem
 from sampling.seeds import sample_labels
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -40,6 +50,8 @@ RESOLUTION = 32
 # Model and recipe of the demo: 8x8 tokens (patch 4), probe after block 2 of 4, crop windows of
 # 6..8 tokens (the paper's 12..16 of 16, scaled), the paper's time-bin probe weights; a higher
 # learning rate, a short EMA and lognormal times so a few CPU minutes give legible digits.
+# ``model_flags(resolution)`` scales the crop window to another grid (3/4 of its side, as 12 of 16).
+PATCH = 4
 ENCODER_DEPTH = 2
 MODEL_FLAGS = ["--model", "SiT-S/4", "--hidden-size", "96", "--depth", "4", "--num-heads", "4",
                "--patch-size", "4", "--encoder-depth", str(ENCODER_DEPTH), "--crop-start", "6"]
@@ -51,6 +63,14 @@ SETTINGS = {  # full run (default) and --quick
     "full": dict(steps=1500, samples=300, sample_steps=20, probe_train=1000, probe_test=500),
     "quick": dict(steps=20, samples=50, sample_steps=5, probe_train=200, probe_test=100),
 }
+
+
+def model_flags(resolution):
+    """MODEL_FLAGS for images of ``resolution`` pixels: the crop starts at 3/4 of the token grid's side."""
+    grid = resolution // PATCH
+    flags = list(MODEL_FLAGS)
+    flags[flags.index("--crop-start") + 1] = str(max(1, 3 * grid // 4))
+    return flags
 
 
 def run(cmd, log_path):
@@ -73,13 +93,20 @@ def run(cmd, log_path):
 #                                  The data                                     #
 #################################################################################
 
-def digit_images():
-    """(1797, 32, 32, 3) uint8 upscaled digits and their labels, from scikit-learn's copy."""
+def digit_images(resolution=RESOLUTION):
+    """(1797, R, R, 3) uint8 upscaled digits and their labels, from scikit-learn's copy."""
     from sklearn.datasets import load_digits
     digits = load_digits()
     small = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
-    big = np.stack([np.asarray(Image.fromarray(im).resize((RESOLUTION, RESOLUTION), Image.BICUBIC)) for im in small])
+    big = np.stack([np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.BICUBIC)) for im in small])
     return np.repeat(big[..., None], 3, axis=-1), digits.target.astype(np.int64)
+
+
+def folder_images(data_dir):
+    """(N, R, R, 3) uint8 images, labels and the class count of a converted ``data_dir/images``."""
+    dataset = CustomDataset(data_dir, mode="pixel")
+    images = np.stack([dataset[i].image.permute(1, 2, 0).numpy() for i in range(len(dataset))])
+    return images, dataset.labels.astype(np.int64), dataset.num_classes
 
 
 def write_class_folders(images, labels, dest):
@@ -102,14 +129,15 @@ def save_reference_npz(images, path):
 #################################################################################
 
 def gray_features(images):
-    """32x32x3 uint8 -> 64 features: grey level averaged over 4x4 cells (the digits' 8x8 grid)."""
+    """RxRx3 uint8 -> 64 features: grey level averaged over an 8x8 grid of cells (the digits' grid)."""
     grey = images.astype(np.float32).mean(-1) / 255.0
-    n = grey.shape[0]
-    return grey.reshape(n, 8, RESOLUTION // 8, 8, RESOLUTION // 8).mean(axis=(2, 4)).reshape(n, 64)
+    n, side = grey.shape[0], grey.shape[1]
+    return grey.reshape(n, 8, side // 8, 8, side // 8).mean(axis=(2, 4)).reshape(n, 64)
 
 
 def fit_digit_classifier(images, labels, seed=0):
-    """Logistic regression on real digits; returns (classifier, held-out accuracy on real digits)."""
+    """Logistic regression on the real images (the digits, or --source's); returns (classifier,
+    held-out accuracy on real images)."""
     from sklearn.linear_model import LogisticRegression
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
@@ -125,22 +153,22 @@ def class_consistency(clf, samples, labels):
     return float((clf.predict(gray_features(samples)) == labels).mean())
 
 
-def class_grid(samples, labels, path, per_class=10):
+def class_grid(samples, labels, path, per_class=10, num_classes=NUM_CLASSES):
     """PNG grid: one row per class, the first ``per_class`` samples of that class."""
     rows = []
-    for c in range(NUM_CLASSES):
+    side = samples.shape[1]
+    for c in range(num_classes):
         picked = samples[labels == c][:per_class]
         pad = np.zeros((per_class - len(picked), *samples.shape[1:]), np.uint8)
         rows.append(np.concatenate(list(np.concatenate([picked, pad])), axis=1))
     Image.fromarray(np.concatenate(rows, axis=0)).resize(
-        (per_class * RESOLUTION * 2, NUM_CLASSES * RESOLUTION * 2), Image.NEAREST).save(path)
+        (per_class * side * 2, num_classes * side * 2), Image.NEAREST).save(path)
 
 
 def inception_weights_path(flag):
     """The Inception weights to use for FID, or None when they are not on this machine."""
     if flag:
         return flag
-    import torch
     cache = os.path.join(torch.hub.get_dir(), "checkpoints", "weights-inception-2015-12-05-6726825d.pth")
     return cache if os.path.isfile(cache) else None
 
@@ -154,35 +182,58 @@ def main(argv=None):
     parser.add_argument("--out", default="demo_out", help="output folder")
     parser.add_argument("--quick", action="store_true", help="shortened run (CI): fewer steps and samples")
     parser.add_argument("--steps", type=int, default=None, help="training steps per model")
-    parser.add_argument("--samples", type=int, default=None, help="generated samples per model (multiple of 10)")
+    parser.add_argument("--samples", type=int, default=None, help="generated samples per model (a multiple of the "
+                                                                 "class count; default rounded up to one)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also train the SiT baseline (--no-probe) and compare")
     parser.add_argument("--inception-weights", default=None, help="Inception .pth for FID (else skipped when absent)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source", default=None, metavar="CLASS_FOLDERS",
+                        help="your own data: one subfolder of images per class (default: scikit-learn's digits)")
+    parser.add_argument("--resolution", type=int, default=RESOLUTION, help="image side in pixels (a multiple of 8)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: the GPU when torch can use one, else the CPU")
     args = parser.parse_args(argv)
+    if args.resolution < 8 or args.resolution % 8:
+        parser.error(f"--resolution must be a multiple of 8 (the patch {PATCH} token grid and the judge's 8x8 "
+                     f"cells), got {args.resolution}")
+    if args.source is not None and not os.path.isdir(args.source):
+        parser.error(f"--source {args.source} is not a folder (expected one subfolder of images per class)")
+    device = pick_device(args.device)
     cfg = dict(SETTINGS["quick" if args.quick else "full"])
     cfg["steps"] = args.steps or cfg["steps"]
-    cfg["samples"] = args.samples or cfg["samples"]
-    if cfg["samples"] % NUM_CLASSES:
-        parser.error(f"--samples must be a multiple of {NUM_CLASSES}")
     out = os.path.abspath(args.out)
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     python = sys.executable
     start = time.time()
+    res = args.resolution
 
     # 1. data in the ImageNet layout
-    print("== 1/6 data: scikit-learn digits -> class folders -> preprocessing/dataset_tools.py convert")
-    images, labels = digit_images()
     data_dir = os.path.join(out, "data")
+    if args.source is None:
+        print("== 1/6 data: scikit-learn digits -> class folders -> preprocessing/dataset_tools.py convert")
+        images, labels = digit_images(res)
+        num_classes, source, transform = NUM_CLASSES, os.path.join(out, "raw_digits"), "center-crop"
+        if not os.path.exists(os.path.join(data_dir, "images", "dataset.json")):
+            write_class_folders(images, labels, source)
+    else:
+        print(f"== 1/6 data: {args.source} -> preprocessing/dataset_tools.py convert at {res}x{res}")
+        source, transform = os.path.abspath(args.source), "center-crop-dhariwal"
     if not os.path.exists(os.path.join(data_dir, "images", "dataset.json")):
-        raw = os.path.join(out, "raw_digits")
-        write_class_folders(images, labels, raw)
-        run([python, "preprocessing/dataset_tools.py", "convert", "--source", raw, "--dest",
-             os.path.join(data_dir, "images"), "--resolution", f"{RESOLUTION}x{RESOLUTION}",
-             "--transform", "center-crop", "--workers", "2"], os.path.join(logs, "convert.log"))
-    reference = os.path.join(out, "digits_reference.npz")
+        run([python, "preprocessing/dataset_tools.py", "convert", "--source", source, "--dest",
+             os.path.join(data_dir, "images"), "--resolution", f"{res}x{res}", "--transform", transform,
+             "--workers", "2"], os.path.join(logs, "convert.log"))
+    if args.source is not None:
+        images, labels, num_classes = folder_images(data_dir)
+    per_class = -(-(args.samples or cfg["samples"]) // num_classes)
+    cfg.update(samples=per_class * num_classes, num_classes=num_classes, resolution=res, device=device)
+    if args.samples and args.samples % num_classes:
+        parser.error(f"--samples must be a multiple of the {num_classes} classes")
+    reference = os.path.join(out, "reference.npz" if args.source else "digits_reference.npz")
     save_reference_npz(images, reference)
+    # on a CPU train.py leaves mixed precision off by itself; the GPU takes the authors' fp16
+    precision = [] if device == "cuda" else ["--mixed-precision", "no"]
 
     variants = {"lsep": []} if not args.baseline else {"lsep": [], "baseline": ["--no-probe"]}
     results = {}
@@ -190,11 +241,11 @@ def main(argv=None):
     weights = inception_weights_path(args.inception_weights)
     for name, extra in variants.items():
         # 2. training
-        print(f"== 2/6 train {name}: {cfg['steps']} steps, pixel space")
+        print(f"== 2/6 train {name}: {cfg['steps']} steps, pixel space, {device}")
         run([python, "train.py", "--exp-name", name, "--output-dir", os.path.join(out, "exps"), "--data-dir", data_dir,
-             "--vae", "none", "--resolution", str(RESOLUTION), "--num-classes", str(NUM_CLASSES),
-             *MODEL_FLAGS, *RECIPE_FLAGS, *extra, "--max-train-steps", str(cfg["steps"]),
-             "--checkpointing-steps", str(cfg["steps"]), "--sampling-steps", "0", "--mixed-precision", "no",
+             "--vae", "none", "--resolution", str(res), "--num-classes", str(num_classes),
+             *model_flags(res), *RECIPE_FLAGS, *extra, "--max-train-steps", str(cfg["steps"]),
+             "--checkpointing-steps", str(cfg["steps"]), "--sampling-steps", "0", *precision,
              "--report-to", "none", "--num-workers", "0", "--seed", str(args.seed),
              "--log-every", str(max(1, cfg["steps"] // 20)), "--resume-step", "-1"],
             os.path.join(logs, f"train_{name}.log"))
@@ -207,14 +258,14 @@ def main(argv=None):
         gen_argv = ["--ckpt", ckpt, "--num-fid-samples", str(cfg["samples"]), "--balanced-labels", "--mode", "ode",
                     "--heun", "--num-steps", str(cfg["sample_steps"]), "--cfg-scale", "1.0",
                     "--per-proc-batch-size", "100", "--sample_dir", os.path.join(out, "samples"), "--name_add", name,
-                    "--global-seed", str(args.seed), "--device", "cpu"]  # model, --vae none, size: from the checkpoint
+                    "--global-seed", str(args.seed), "--device", device]  # model, --vae none, size: from the checkpoint
         run([python, "generate.py", *gen_argv], os.path.join(logs, f"generate_{name}.log"))
         import generate
         npz = generate.main(generate.parse_args(gen_argv + ["--print-npz-path"])) + ".npz"
         samples = np.load(npz)["arr_0"]
-        cond_labels = sample_labels(cfg["samples"], NUM_CLASSES, args.seed, balanced=True).numpy()
+        cond_labels = sample_labels(cfg["samples"], num_classes, args.seed, balanced=True).numpy()
         grid = os.path.join(out, f"grid_{name}.png")
-        class_grid(samples, cond_labels, grid)
+        class_grid(samples, cond_labels, grid, num_classes=num_classes)
 
         # 4. class consistency
         print(f"== 4/6 class consistency ({name})")
@@ -223,9 +274,11 @@ def main(argv=None):
         # 5. linear separability per block
         print(f"== 5/6 linear probe per block ({name})")
         probe_out = os.path.join(out, f"probe_{name}")
+        num_train = min(cfg["probe_train"], len(labels) * 2 // 3)
+        num_test = min(cfg["probe_test"], len(labels) - num_train)
         run([python, "probe.py", "--ckpt", ckpt, "--data-dir", data_dir, "--timesteps", "0.0", "0.5",
-             "--num-train", str(cfg["probe_train"]), "--num-test", str(cfg["probe_test"]), "--out", probe_out,
-             "--device", "cpu", "--num-workers", "0", "--seed", str(args.seed)],
+             "--num-train", str(num_train), "--num-test", str(num_test), "--out", probe_out,
+             "--device", device, "--num-workers", "0", "--seed", str(args.seed)],
             os.path.join(logs, f"probe_{name}.log"))
         with open(os.path.join(probe_out, "probe.json")) as f:
             probe = json.load(f)
@@ -234,7 +287,7 @@ def main(argv=None):
         metrics = None
         if weights:
             print(f"== 6/6 evaluator ({name})")
-            run([python, "evaluator/evaluator.py", reference, npz, "--inception-weights", weights, "--device", "cpu"],
+            run([python, "evaluator/evaluator.py", reference, npz, "--inception-weights", weights, "--device", device],
                 os.path.join(logs, f"evaluate_{name}.log"))
             with open(os.path.splitext(npz)[0] + ".metrics.json") as f:
                 metrics = json.load(f)
@@ -244,7 +297,8 @@ def main(argv=None):
                              probe_timesteps=probe["timesteps"], probe_layers=probe["layers"], probe_top1=probe["top1"],
                              metrics=metrics)
 
-    summary = dict(settings=cfg, seconds=round(time.time() - start, 1), real_digit_classifier_accuracy=clf_real,
+    summary = dict(settings=cfg, data=args.source or "scikit-learn digits", seconds=round(time.time() - start, 1),
+                   real_digit_classifier_accuracy=clf_real,
                    fid="computed" if weights else "skipped: Inception weights not found (pass --inception-weights "
                    "PATH; torch-fidelity downloads weights-inception-2015-12-05-6726825d.pth from "
                    "github.com/toshas/torch-fidelity/releases)", results=results)
@@ -252,6 +306,21 @@ def main(argv=None):
         json.dump(summary, f, indent=2)
     print_summary(summary, out)
     return summary
+
+
+def pick_device(flag):
+    """cuda or cpu for --device: auto takes the GPU when torch can use one; a GPU torch cannot use
+    (an older driver than its CUDA build) is one line, as train.py and generate.py say it."""
+    if flag == "cpu":
+        return "cpu"
+    problem = cuda_problem()
+    if problem:
+        sys.exit(f"demo: error: {problem}")
+    if torch.cuda.is_available():
+        return "cuda"
+    if flag == "cuda":
+        sys.exit("demo: error: --device cuda but torch sees no GPU; use --device auto or cpu")
+    return "cpu"
 
 
 def print_summary(summary, out):

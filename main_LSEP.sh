@@ -6,6 +6,7 @@
 #
 #   bash main_LSEP.sh [train|generate|evaluate|all]        (default: all)
 #   bash main_LSEP.sh demo [--quick]    the whole pipeline on scikit-learn's digits, CPU, minutes
+#   bash main_LSEP.sh demo --source MY_CLASS_FOLDERS [--resolution 32]   the same on your own folders
 #
 # Every setting below is an environment variable, e.g.
 #   N_GPU=8 DATA_DIR=/data/imagenet256 bash main_LSEP.sh train

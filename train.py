@@ -32,8 +32,8 @@ from training.loop import TrainingRun, train_loop
 from training.optimizer import CLASSIFIER_LR, CLASSIFIER_LR_SIT_B, build_optimizer
 from training.posthoc import PosthocTracking
 from training.setup import (build_loss, build_model, check_classes, check_data_vae, check_launch, compile_model,
-                            data_geometry, load_alignment_encoders, load_preview_vae, make_accelerator, open_dataset,
-                            prepare_run_folder, removed_if_refused, training_config)
+                            data_geometry, launch_precision, load_alignment_encoders, load_preview_vae,
+                            make_accelerator, open_dataset, prepare_run_folder, removed_if_refused, training_config)
 from training.trackers import tracker_config
 
 
@@ -42,17 +42,20 @@ def main(args):
     after --max-nonfinite consecutive non-finite steps. A start refused before the loop leaves
     no experiment folder it created and changes nothing of an existing run's files."""
     exp_dir = os.path.join(args.output_dir, args.exp_name)
+    args, precision_note = launch_precision(args)  # left out, the precision follows the device
     accelerator = make_accelerator(args, exp_dir)
     with removed_if_refused(exp_dir, accelerator):
-        run = start_run(args, accelerator, exp_dir)
+        run = start_run(args, accelerator, exp_dir, precision_note)
     return train_loop(run)
 
 
-def start_run(args, accelerator, exp_dir):
+def start_run(args, accelerator, exp_dir, precision_note=None):
     """Every check and every part of the run, in order; nothing on disk changes but the new log."""
     # ---- setup: the run folder, the checkpoint to resume and its recipe, then the data ----
     checkpoint_dir = prepare_run_folder(args, accelerator, exp_dir)
     is_main = accelerator.is_main_process
+    if precision_note:
+        logger.info(precision_note)
     resume_path, resumed = open_resume_checkpoint(checkpoint_dir, args.resume_step,
                                                   warn=logger.warning if is_main else None,
                                                   run_id=folder_run_id(exp_dir))
@@ -166,7 +169,8 @@ def parse_args(argv=None):
                         help="preview decoder: ema | mse | hub name | folder; none = pixel-space training on images/")
     # precision
     parser.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument("--mixed-precision", type=str, default="fp16", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--mixed-precision", type=str, default="fp16", choices=["no", "fp16", "bf16"],
+                        help="default fp16 (the authors') on a GPU; left out on a CPU, no (the log says so)")
     # optimization
     parser.add_argument("--epochs", type=int, default=1400)
     parser.add_argument("--max-train-steps", type=int, default=400010)

@@ -57,3 +57,39 @@ def test_quick_demo_outputs_exist_and_are_sane(quick_run):
     # The data went through preprocessing/dataset_tools.py into the ImageNet layout.
     with open(out / "data" / "images" / "dataset.json") as f:
         assert len(json.load(f)["labels"]) == 1797
+
+
+def test_own_class_folders_run_the_same_pipeline_scaled_to_the_data(tmp_path):
+    """`demo.py --source`: three classes of 20x12 images (not square, not the demo's size) in
+    class folders; converted at 16 px, the model's crop scaled to the 4x4 grid, 3 classes."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["cats", "dogs", "owls"]):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(8):
+            image = np.full((12, 20, 3), 60 * c + 40, np.uint8) + rng.integers(0, 20, (12, 20, 3), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / "src" / name / f"{i}.png")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "demo.py", "--source", str(tmp_path / "src"), "--resolution", "16",
+                           "--quick", "--steps", "3", "--samples", "6", "--no-baseline", "--out", str(out)],
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.load(open(out / "summary.json"))
+    assert summary["settings"]["num_classes"] == 3 and summary["settings"]["samples"] == 6
+    assert summary["settings"]["device"] == "cpu" and summary["data"] == str(tmp_path / "src")
+    result = summary["results"]["lsep"]
+    assert np.load(result["samples_npz"])["arr_0"].shape == (6, 16, 16, 3)
+    assert Image.open(result["grid"]).size == (10 * 16 * 2, 3 * 16 * 2)
+    assert np.isfinite(result["final_loss"]) and 0 <= result["class_consistency"] <= 1
+    import torch
+    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    assert checkpoint["config"]["num_classes"] == 3 and checkpoint["config"]["input_size"] == 16
+    assert (checkpoint["config"]["crop_start"], checkpoint["config"]["crop_end"]) == (3, 5)  # 3/4 of the 4x4 grid
+    assert vars(checkpoint["args"])["mixed_precision"] == "no"
+    assert len(json.load(open(out / "data" / "images" / "dataset.json"))["labels"]) == 24
+
+
+def test_model_flags_scale_the_crop_to_the_grid():
+    assert demo.model_flags(32) == demo.MODEL_FLAGS  # the demo's own 8x8 grid: crop from 6
+    flags = demo.model_flags(64)
+    assert flags[flags.index("--crop-start") + 1] == "12"  # 16x16 tokens: the paper's 12 of 16

@@ -3,6 +3,7 @@
 The accelerator, the data (and its VAE), the model config (flags + data, or the checkpoint being
 resumed), REPA's encoders, the model with its EMA copy, the optimizer and the loss.
 """
+import argparse
 import contextlib
 import copy
 import os
@@ -13,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
 from dataset import CustomDataset
+from devices import check_cuda
 from errors import UserError
 from fileio import check_writable, remove_stale_temps
 from loss import LSEPLoss
@@ -203,8 +205,22 @@ def training_config(args, in_channels, input_size, checkpoint=None, source=None)
     return config
 
 
+def launch_precision(args):
+    """(args, note): --mixed-precision as the command gives it; left out, it follows the device:
+    the authors' fp16 on a GPU, none on a CPU (fp16 autocast needs CUDA). ``note`` is the line to
+    log when the device chose, else None."""
+    explicit = getattr(args, "explicit_flags", None)
+    if explicit is None or "mixed_precision" in explicit or args.mixed_precision == "no" or torch.cuda.is_available():
+        return args, None
+    return (argparse.Namespace(**{**vars(args), "mixed_precision": "no"}),
+            f"--mixed-precision no: no GPU here (the default {args.mixed_precision} is for GPUs; pass "
+            "--mixed-precision bf16 for bf16 autocast on the CPU)")
+
+
 def make_accelerator(args, exp_dir):
-    """The Accelerator (CPU processes with gloo when no GPU is visible, so torchrun works on CPU)."""
+    """The Accelerator (CPU processes with gloo when no GPU is visible, so torchrun works on CPU);
+    a GPU that torch cannot use is one line first (devices.check_cuda)."""
+    check_cuda("train.py")
     if args.report_to == "wandb":
         message = ensure_wandb_cannot_hang()
         if message:
