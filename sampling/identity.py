@@ -18,30 +18,54 @@ PROVENANCE_FILE = "provenance.json"
 # nothing, on GPUs only rounding (other kernels for other shapes).
 PIXEL_SETTINGS = ("num_fid_samples", "balanced_labels", "global_seed", "mode", "num_steps", "heun", "cfg_scale",
                   "guidance_low", "guidance_high", "precision", "fused_attn", "compile")
+# Joined to the settings only when the adaptive solver runs, so Euler/Heun sample sets keep the
+# identity they had before it existed.
+DOPRI5_SETTINGS = ("solver", "atol", "rtol")
+# Recorded with a sample set but not part of what must match: what the sampler measured (NFE).
+MEASURED = ("nfe",)
 
 
-def sample_set_identity(args, loaded, decoder, resolution, device):
+def sample_set_identity(args, loaded, decoder, resolution, device, guide=None):
     """Everything that made a sample set's pixels: the checkpoint's weights (sha256 of the EMA
     tensors), the model config (path type included), the decoder's weights, the resolution,
-    the sampler and label settings, the precision and the kind of device (noise is drawn on it)."""
-    return {
+    the sampler and label settings, the precision and the kind of device (noise is drawn on it).
+    With autoguidance (``guide``: the guide's LoadedModel), the guide's weights, path, entry and
+    config too; with dopri5, the solver and its tolerances."""
+    settings = {key: getattr(args, key) for key in PIXEL_SETTINGS}
+    if getattr(args, "solver", None) == "dopri5":
+        settings.update({key: getattr(args, key) for key in DOPRI5_SETTINGS})
+    identity = {
         "checkpoint": loaded.identity(),
         "config": loaded.config.to_dict(),
         "decoder": None if decoder is None else {k: decoder[k] for k in ("spec", "name", "weights_sha256")},
         "resolution": resolution,
         "device_type": device.type,
-        "settings": {key: getattr(args, key) for key in PIXEL_SETTINGS},
+        "settings": settings,
     }
+    if guide is not None:
+        identity["guide"] = {**guide.identity(), "config": guide.config.to_dict()}
+    return identity
 
 
 def identity_key(identity):
-    """The part of an identity that must match to reuse a folder (not the checkpoint's path or run)."""
+    """The part of an identity that must match to reuse a folder (not the checkpoint's path or
+    run, nor the guide's; not the NFE measured)."""
     if not isinstance(identity, dict):
         return None
-    key = {k: v for k, v in identity.items() if k not in ("checkpoint", "decoder", "created", "code")}
+    left_out = ("checkpoint", "decoder", "created", "code", "guide", *MEASURED)
+    key = {k: v for k, v in identity.items() if k not in left_out}
     key["weights"] = (identity.get("checkpoint") or {}).get("weights_sha256")
     key["decoder"] = (identity.get("decoder") or {}).get("weights_sha256")
+    if identity.get("guide") is not None:  # only when guided: unguided identities keep their old key
+        key["guide"] = {"weights": identity["guide"].get("weights_sha256"), "config": identity["guide"].get("config")}
     return key
+
+
+def _guide_text(identity):
+    guide = (identity or {}).get("guide")
+    if guide is None:
+        return "none"
+    return f"{str(guide.get('weights_sha256'))[:12]} ({guide.get('path')}, {guide.get('which')} weights)"
 
 
 def identity_differences(stored, current):
@@ -52,10 +76,13 @@ def identity_differences(stored, current):
         there = (stored or {}).get("checkpoint") or {}
         out.append(f"checkpoint weights {str(a.get('weights'))[:12]} ({there.get('path')}) there, "
                    f"{b['weights'][:12]} ({current['checkpoint']['path']}) now")
+    if a.get("guide") != b.get("guide"):
+        out.append(f"guide {_guide_text(stored)} there, {_guide_text(current)} now")
     for group in ("settings", "config"):
-        for k, v in b[group].items():
-            if (a.get(group) or {}).get(k) != v:
-                out.append(f"{k} {(a.get(group) or {}).get(k)} there, {v} now")
+        there, now = a.get(group) or {}, b[group]
+        for k in [*now, *(k for k in there if k not in now)]:  # keys of either side (solver: dopri5 only)
+            if there.get(k) != now.get(k):
+                out.append(f"{k} {there.get(k)} there, {now.get(k)} now")
     for k in ("decoder", "resolution", "device_type"):
         if a.get(k) != b[k]:
             out.append(f"{k} {str(a.get(k))[:12]} there, {str(b[k])[:12]} now")

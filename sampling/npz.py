@@ -6,24 +6,33 @@ import os
 import zipfile
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from fileio import atomic_write, remove_stale_temps
 from sampling.errors import GenerateError
 
 NPZ_PROVENANCE_KEY = "provenance"  # a uint8 array of UTF-8 JSON inside the npz, next to arr_0
+# PNG text chunks of an adaptive solver's samples: its velocity evaluations, and how many were guided
+NFE_KEYS = ("nfe", "nfe_guided")
 
 
 def png_path(folder, index):
     return os.path.join(folder, f"{index:06d}.png")
 
 
-def save_png_atomic(image, path):
+def save_png_atomic(image, path, text=None):
     """Write a PNG under a temporary name in the same folder (fileio.temp_path: it names its host
-    and process), then rename it into place; a full disk is fileio.DiskFull (one line)."""
+    and process), then rename it into place; a full disk is fileio.DiskFull (one line). ``text``:
+    {key: str} stored as PNG text chunks (the sampler's NFE with dopri5); None writes none."""
     buffer = io.BytesIO()  # encoded first, so a full disk reports the PNG's size as the space needed
-    Image.fromarray(image).save(buffer, format="PNG")
+    if text:
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_text(key, str(value))
+        Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
+    else:
+        Image.fromarray(image).save(buffer, format="PNG")
     # no fsync: 50k of them slow sampling down, and a killed process still leaves old-or-new
     atomic_write(path, lambda f: f.write(buffer.getbuffer()), expected_bytes=buffer.tell(), fsync=False)
 
@@ -75,3 +84,20 @@ def write_npz(folder, num_samples, path, identity):
 
     atomic_write(path, write, expected_bytes=int(np.prod(shape)))
     return shape
+
+
+def nfe_summary(folder, num_samples):
+    """Mean, min and max velocity evaluations per sample (and the mean guided ones) from the NFE
+    text chunks of PNGs 0..N-1, or None when a PNG has none (fixed-step samplers write none).
+    Only the PNG headers are read: the chunks sit before the image data."""
+    counts = []
+    for i in range(num_samples):
+        with Image.open(png_path(folder, i)) as image:
+            text = image.info  # chunks before the image data (``.text`` would decode the image)
+            if any(key not in text for key in NFE_KEYS):
+                return None
+            counts.append([int(text[key]) for key in NFE_KEYS])
+    nfe, guided = np.asarray(counts, dtype=np.int64).T
+    return {"mean": float(nfe.mean()), "min": int(nfe.min()), "max": int(nfe.max()),
+            "guided_mean": float(guided.mean()), "forward_passes_mean": float((nfe + guided).mean()),
+            "samples": int(num_samples)}

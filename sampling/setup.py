@@ -1,8 +1,9 @@
 """The model, decoder and output folder of a sample set, each checked against the checkpoint."""
 import os
 
+from errors import UserError
 from models.checkpoint import load_model
-from models.config import ConfigError, given_flags
+from models.config import DEFAULTS, ConfigError, given_flags
 from models.vae import load_vae, vae_identity
 from sampling.errors import GenerateError
 
@@ -17,9 +18,37 @@ def load_sampling_model(args, hash_weights=True):
         raise GenerateError(str(exc)) from None
 
 
+# What the guide must share with the main model: the same inputs, classes and interpolant.
+GUIDE_MUST_MATCH = ("in_channels", "input_size", "num_classes", "path_type")
+
+
+def load_guide(args, main, hash_weights=True):
+    """The autoguidance model of --guide-ckpt (its --guide-weights entry) through the one loader, or
+    None without --guide-ckpt. Fields its checkpoint does not record default to the main model's
+    (``main``: its LoadedModel); the inputs, classes and path type must equal the main model's."""
+    path = getattr(args, "guide_ckpt", None)
+    if path is None:
+        return None
+    defaults = {**DEFAULTS, "num_classes": main.config.num_classes, "path_type": main.config.path_type}
+    try:
+        guide = load_model(path, defaults=defaults, which=args.guide_weights, fused_attn=args.fused_attn,
+                           hash_weights=hash_weights)
+    except UserError as exc:
+        raise GenerateError(f"--guide-ckpt: {exc}") from None
+    for key in GUIDE_MUST_MATCH:
+        mine, theirs = getattr(guide.config, key), getattr(main.config, key)
+        if mine != theirs:
+            raise GenerateError(f"--guide-ckpt {path} has {key}={mine} but --ckpt {args.ckpt} has {key}={theirs}; "
+                                "the guide must take the same inputs, classes and path type as the main model")
+    return guide
+
+
 def decoder_spec(args, config):
     """--vae, or its default: 'none' for a pixel-space model (3 input channels), else the authors' 'ema'."""
     if args.vae is not None:
+        if args.vae != "none" and config.in_channels == 3:
+            raise GenerateError(f"--vae {args.vae}: the checkpoint's model is pixel-space (3 input channels, trained "
+                                "on images with --vae none), so there is no latent to decode; drop --vae")
         return args.vae
     return "none" if config.in_channels == 3 else "ema"
 
@@ -66,10 +95,13 @@ def vae_name(spec):
 
 
 def sample_folder(args, config, resolution, vae_spec):
-    """``<sample_dir>/<folder>``, named as the authors' generate.py names it. The name is not the
-    identity: ``provenance.json`` inside is (see ``sample_set_identity``)."""
+    """``<sample_dir>/<folder>``, named as the authors' generate.py names it; with autoguidance
+    ``-guide-<guide ckpt>`` follows the scale. The name is not the identity: ``provenance.json``
+    inside is (see ``sample_set_identity``)."""
     model = config.model.replace("/", "-")
     ckpt = os.path.basename(args.ckpt).removesuffix(".pt")
+    guide_path = getattr(args, "guide_ckpt", None)
+    guide = "" if guide_path is None else f"-guide-{os.path.basename(guide_path).removesuffix('.pt')}"
     name = (f"{model}-enc{config.encoder_depth}-{ckpt}-size-{resolution}-vae-{vae_name(vae_spec)}-"
-            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.mode}-{args.name_add}")
+            f"cfg-{args.cfg_scale}{guide}-seed-{args.global_seed}-{args.mode}-{args.name_add}")
     return os.path.join(args.sample_dir, name)

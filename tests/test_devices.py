@@ -71,3 +71,14 @@ def test_precision_follows_the_device_when_left_out(tmp_path, capsys):
     reset_accelerate()
     code, err = cli(tiny_argv(data, tmp_path, "fp16", "--mixed-precision", "fp16"), capsys)  # asked for: refused
     assert code == 1 and "--mixed-precision fp16 needs a GPU; use bf16 or no on CPU" in err
+
+
+def test_generate_refuses_an_unusable_gpu_by_default_in_one_line(old_driver, tmp_path, capsys):
+    import generate
+
+    (tmp_path / "c.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as info:
+        generate.cli(["--ckpt", str(tmp_path / "c.pt"), "--sample_dir", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("generate.py: error: generate.py: an NVIDIA GPU is present but torch")

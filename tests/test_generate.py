@@ -156,9 +156,10 @@ def test_npz_format_and_cfg_one_equals_unguided_sampler(files):
     x = euler_sampler(model, z, y, num_steps=5, cfg_scale=1.0)
     np.testing.assert_array_equal(images, pixels_to_uint8(x).numpy())
 
-    # Guidance scale 3 outside its interval never runs the null label: the same images.
+    # Guidance scale 3 on an interval that holds none of the 5 steps' times (1, .8, .6, .4, .2)
+    # never runs the null label: the same images.
     no_interval = load(run_inprocess(pixel_args(files, out, 5, "--cfg-scale", "3",
-                                                "--guidance-low", "1.5", "--guidance-high", "2")))
+                                                "--guidance-low", "0.05", "--guidance-high", "0.15")))
     np.testing.assert_array_equal(no_interval, images)
     guided = load(run_inprocess(pixel_args(files, out, 5, "--cfg-scale", "3", "--name_add", "guided")))
     assert np.abs(guided.astype(int) - images).max() > 10
@@ -222,3 +223,30 @@ def test_user_errors_give_one_line_and_exit_code_2(files):
         with pytest.raises(SystemExit) as exit_info:
             generate.parse_args(argv)
         assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--num-steps", "0"], "--num-steps must be >= 1, got 0"),
+    (["--mode", "sde", "--num-steps", "1"], "--mode sde needs --num-steps >= 2"),
+    (["--per-proc-batch-size", "0"], "--per-proc-batch-size must be >= 1, got 0"),
+    (["--num-fid-samples", "0"], "--num-fid-samples must be >= 1, got 0"),
+    (["--guidance-low", "-0.1"], "--guidance-low must be in [0, 1], got -0.1"),
+    (["--guidance-high", "1.5"], "--guidance-high must be in [0, 1], got 1.5"),
+    (["--cfg-scale", "2", "--guidance-low", "0.5", "--guidance-high", "0.5"],
+     "--guidance-low 0.5 must be below --guidance-high 0.5 with --cfg-scale 2.0 > 1"),
+    (["--cfg-scale", "2", "--guidance-low", "0.7", "--guidance-high", "0.2"], "--guidance-low 0.7 must be below"),
+    (["--solver", "dopri5", "--atol", "0"], "--atol must be > 0, got 0.0"),
+    (["--solver", "dopri5", "--rtol=-1e-3"], "--rtol must be > 0, got -0.001"),
+    (["--atol", "1e-5"], "--atol applies to --solver dopri5 only"),
+    (["--solver", "dopri5", "--heun"], "--heun contradicts --solver dopri5"),
+    (["--mode", "sde", "--solver", "heun"], "--solver heun is an ODE solver; drop it with --mode sde"),
+])
+def test_numeric_flags_out_of_range_are_one_usage_line(files, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.parse_args(pixel_args(files, files["root"] / "ranges", 4, *argv))
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " in last and message in last, last  # argparse: "<prog>: error: <message>"
+    # an empty interval is fine without guidance (nothing to turn off), and equal ends of [0, 1] too
+    generate.parse_args(pixel_args(files, files["root"] / "ranges", 4, "--cfg-scale", "1", "--guidance-low", "0.5",
+                                   "--guidance-high", "0.5"))

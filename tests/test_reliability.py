@@ -366,3 +366,21 @@ def test_a_folder_given_as_checkpoint_is_named_as_a_folder(unbroken):
     with pytest.raises(SystemExit) as info:
         probe.main(["--ckpt", folder, "--data-dir", folder, "--out", os.path.join(unbroken, "p")])
     assert "is a folder, not a .pt file" in str(info.value.code)
+
+
+def test_generate_hints_for_a_pixel_model_and_a_folder(tmp_path, capsys):
+    data = make_pixel_data(str(tmp_path / "pixels"))
+    run(*without(tiny_argv(data, tmp_path, "pix", "--max-train-steps", 1), "--resolution"), "--vae", "none")
+    folder = folder_of(tmp_path, "pix")
+    capsys.readouterr()
+    common = ["--num-fid-samples", "2", "--device", "cpu", "--sample_dir", str(tmp_path / "s"), "--cfg-scale", "1"]
+    with pytest.raises(SystemExit) as info:
+        generate.cli(["--ckpt", os.path.join(folder, "0000001.pt"), "--vae", "ema", *common])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and one_line(err)
+    assert "--vae ema: the checkpoint's model is pixel-space (3 input channels" in err and "drop --vae" in err
+    assert "huggingface" not in err.lower() and "download" not in err.lower()
+    with pytest.raises(SystemExit) as info:
+        generate.cli(["--ckpt", folder, *common])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"checkpoint {folder} is a folder, not a .pt file; pass a file inside it" in err
