@@ -10,6 +10,7 @@ provenance's weights hash; the optimizer state leaf by leaf), so its time is abo
 verifies the EMA entry only.
 """
 import argparse
+import datetime
 import hashlib
 import json
 import os
@@ -90,7 +91,9 @@ def main(argv=None):
             ("SiT-XL/2 at the measured seal rate", f"{total_gib * seal_measured / measured_gib:.1f} s")]
     for name, value in rows:
         print(f"{name:<48} {value}")
-    record = {"sha256_gib_s_1_thread": one, "sha256_gib_s_pool": pool, "threads": HASH_THREADS,
+    record = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": " ".join(["benchmarks/bench_integrity.py"] + (sys.argv[1:] if argv is None else argv)),
+              "torch": torch.__version__, "sha256_gib_s_1_thread": one, "sha256_gib_s_pool": pool, "threads": HASH_THREADS,
               "sit_xl2_params": params, "state_dict_gib": state_gib, "checkpoint_gib": total_gib,
               "seal_or_verify_s_est": seal_s, "verify_ema_s_est": state_gib / one, "cpu_count": os.cpu_count(),
               "measured_model": args.model, "measured_gib": measured_gib, "seal_s": seal_measured,

@@ -7,7 +7,6 @@ import os
 import shutil
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,39 +21,13 @@ from flagcheck import AT_LEAST_1, BETA, POSITIVE, UNIT, Range, range_error  # no
 from models.checkpoint import (CheckpointError, load_checkpoint_file, load_model, seal, tree_sha256,  # noqa: E402
                                verify, weights_sha256)
 from preprocessing.dataset_tools import main as tools_main  # noqa: E402
-from test_train import assert_nested_equal, assert_states_equal, make_latent_data, make_pixel_data  # noqa: E402
+from test_train import assert_nested_equal, assert_states_equal, make_pixel_data  # noqa: E402
 from test_train import tiny_argv  # noqa: E402
-from test_train_faults import argv, ckpt, cli, folder_of, one_line, reset_accelerate, run  # noqa: E402
+from test_train_faults import argv, ckpt, cli, folder_of, one_line, run  # noqa: E402
+# the same fixtures: one intra-op thread, a fresh accelerate state per test, the tiny data, the unbroken run
+from test_train_faults import fresh_accelerate_state, latent_dir, one_thread, unbroken  # noqa: E402,F401
 from training.errors import TrainingError  # noqa: E402
 from training.flags import explicit_flags, resume_recipe  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    reset_accelerate()
-
-
-@pytest.fixture(scope="module")
-def latent_dir(tmp_path_factory):
-    return make_latent_data(str(tmp_path_factory.mktemp("latents")))
-
-
-@pytest.fixture(scope="module")
-def unbroken(latent_dir, tmp_path_factory):
-    """An unbroken 4-step run, checkpoints at steps 2 and 4."""
-    out = tmp_path_factory.mktemp("unbroken")
-    run(*argv(latent_dir, out, "full"))
-    reset_accelerate()
-    return out
 
 
 def damage_tensor(path, tensor, fill=0xFF, nbytes=64):
@@ -159,7 +132,7 @@ def test_another_runs_checkpoint_is_refused_and_nothing_is_changed(latent_dir, u
     before["checkpoints/0000006.pt"] = open(other, "rb").read()
     code, err = cli(argv(latent_dir, tmp_path, "full", "--resume-step", -1, steps=8), capsys)
     assert code == 1 and one_line(err)
-    assert f"0000006.pt holds step 2, not the step 6 its name says" in err
+    assert "0000006.pt holds step 2, not the step 6 its name says" in err
     assert snapshot(folder) == before  # stats.jsonl, checkpoints, args.json: all as they were
     os.remove(os.path.join(folder_of(tmp_path, "full"), "0000006.pt"))
     del before["checkpoints/0000006.pt"]
