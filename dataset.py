@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from models.vae import LATENT_DOWNSAMPLE
+from models.vae import LATENT_DOWNSAMPLE, LatentNorm, LatentNormError
 from preprocessing.storage import IMAGE_SUFFIXES, LABELS_FILE, LATENT_SUFFIXES, DatasetError, FileStore
 
 IMAGES_DIR, LATENTS_DIR = "images", "vae-sd"
@@ -159,7 +159,8 @@ class CustomDataset(torch.utils.data.Dataset):
 
     Attributes: labels (np.int64 [N]), num_classes, class_names (or None), resolution (image side in
     pixels), image_shape (3,H,W) and latent_shape (2C,h,w) (None when that part is absent),
-    image_files / latent_files (relative paths, sorted), vae_record (what encode recorded of its VAE, or None).
+    image_files / latent_files (relative paths, sorted), vae_record (what encode recorded of its VAE, or None),
+    latent_norm (models.vae.LatentNorm of that record: how moments become model inputs; None in pixel mode).
     Every layout problem raises DatasetError here, naming the file and the fix.
     """
 
@@ -194,7 +195,7 @@ class CustomDataset(torch.utils.data.Dataset):
             )
 
         self.image_files, self.latent_files = [], []
-        self.image_shape = self.latent_shape = self.class_names = self.vae_record = None
+        self.image_shape = self.latent_shape = self.class_names = self.vae_record = self.latent_norm = None
         if self._images is not None:
             self.image_files, image_labels, meta = _read_labels(self._images, IMAGE_SUFFIXES, convert_fix)
             self.class_names = meta.get("class_names")
@@ -209,6 +210,7 @@ class CustomDataset(torch.utils.data.Dataset):
             self.vae_record = meta.get("vae")  # what encode recorded of the VAE that made the latents
             self.class_names = names if names is not None else self.class_names
             self._check_latents(check_all_headers)
+            self.latent_norm = self._latent_norm()
             if self._images is not None:
                 self._check_pairing(image_labels, encode_fix)
         self.num_classes = len(self.class_names) if self.class_names else int(self.labels.max()) + 1
@@ -248,6 +250,20 @@ class CustomDataset(torch.utils.data.Dataset):
                 f"{len(bad)} latent files are truncated or the wrong size ({where}; expected {complete} bytes for "
                 f"{shape}); re-run the same encode command, it rewrites them: {ENCODE_HINT.format(d=self.data_dir)}"
             )
+
+    def _latent_norm(self):
+        """The record's normalisation (older records: the SD-VAE's), checked against the latents' channels."""
+        where = self._latents.full_path(LABELS_FILE)
+        try:
+            norm = LatentNorm.from_record(self.vae_record)
+        except LatentNormError as exc:
+            raise DatasetError(f"{where}: {exc}; re-run the same encode command, which rewrites the record: "
+                               f"{ENCODE_HINT.format(d=self.data_dir)}") from None
+        if norm.channels is not None and norm.channels * 2 != self.latent_shape[0]:
+            raise DatasetError(f"{where} records per-channel statistics of {norm.channels} channels but the latents "
+                               f"have {self.latent_shape[0] // 2}; re-run the same encode command to recompute them: "
+                               f"{ENCODE_HINT.format(d=self.data_dir)}")
+        return norm
 
     def _check_images(self, check_all_headers):
         """PNG headers (IHDR) agree with the first image's size and are 8-bit RGB; see the class docstring."""

@@ -86,7 +86,8 @@ class ProbeInputs(torch.utils.data.Dataset):
         if data.dtype == torch.uint8:
             x0 = uint8_to_pixels(data)
         else:
-            x0 = sample_posterior(data[None], generator=sample_generator(self.seed, index, "posterior"))[0]
+            x0 = sample_posterior(data[None], generator=sample_generator(self.seed, index, "posterior"),
+                                  norm=self.dataset.latent_norm)[0]  # the latents' own normalisation
         return x0, sample_noise([index], x0.shape, self.seed)[0], torch.as_tensor(label, dtype=torch.int64)
 
 

@@ -44,11 +44,15 @@ def build_parser():
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
                    help="decoding processes (output does not depend on it; 0 = in this process)")
 
-    p = sub.add_parser("encode", help="convert's PNGs -> SD-VAE posterior moments (.npy) + dataset.json")
+    p = sub.add_parser("encode", help="convert's PNGs -> VAE posterior moments (.npy) + dataset.json")
     p.add_argument("--source", required=True, metavar="PATH", help="folder or .zip written by convert")
     p.add_argument("--dest", required=True, metavar="DIR", help="output folder (reruns resume in it)")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-mse", metavar="NAME|DIR",
-                   help="ema, mse, a hub name, or a local save_pretrained folder")
+                   help="ema, mse, a hub name, or a local save_pretrained folder (any diffusers AutoencoderKL)")
+    p.add_argument("--latent-norm", default="scale", choices=("scale", "per-channel"),
+                   help="model inputs: scale = (latent - shift_factor) * scaling_factor of the VAE's config "
+                        "(SD-VAE: 0.18215, 0); per-channel = (latent - mean_c) / std_c of the encoded data "
+                        "(one extra pass over the latents); recorded in dataset.json")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="images per VAE call (keep it fixed across resumes for identical bytes)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
@@ -85,7 +89,7 @@ def run(args):
 
         s = encode_dataset(args.source, args.dest, vae=args.vae, batch_size=args.batch_size,
                            workers=args.workers, max_images=args.max_images, device=args.device,
-                           zip_dest=args.zip)
+                           zip_dest=args.zip, latent_norm=args.latent_norm)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"encode: {s.total} latents {s.latent_shape} in {s.dest} ({s.written} written now, "
                   f"{s.kept} already complete)" + (f"; packed into {s.zip_path}" if s.zip_path else ""))

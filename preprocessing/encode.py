@@ -1,11 +1,15 @@
-"""`encode`: converted PNGs -> SD-VAE posterior moments, one .npy per image; resumable, multi-GPU.
+"""`encode`: converted PNGs -> VAE posterior moments, one .npy per image; resumable, multi-GPU.
 
 Output: `00000/img-mean-std-00000000.npy` (float32 (2C, H/f, W/f), mean then std; (8, 32, 32) for
 the SD-VAE at 256 px), the i-th file from the i-th image in sorted order, and `dataset.json`
 with `{"vae": ..., "encode": ..., "labels": [[npy_path, class_index], ...], "class_names": [...]}` written
 last. "vae" identifies the VAE (models.vae.vae_identity: name, config and weight hashes, the encoder
-half's hash); a rerun into the same folder with a VAE whose encoder differs is refused, and train.py
-checks its --vae against it. `.encode.json` holds the same record while an encode is in progress.
+half's hash) and the normalisation that turns its latents into model inputs (models.vae.LatentNorm:
+latent_norm "scale" with the config's latent_scale / latent_shift, or "per-channel" with latent_mean /
+latent_std of the posterior samples over the whole dataset, computed at the end from the written files
+in index order, so reruns and resumes give the same numbers); a rerun into the same folder with a VAE
+whose encoder differs is refused, and train.py checks its --vae against it. `.encode.json` holds the
+same record while an encode is in progress.
 
 Images are cut into fixed chunks of --batch-size consecutive indices and every chunk is one VAE
 batch, whatever the number of ranks: one-rank, multi-rank and resumed runs see the same batches
@@ -26,7 +30,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from fileio import check_writable
-from models.vae import ENCODE_VAE, downsample_factor, encode_moments, latent_channels, load_vae, vae_identity
+from models.vae import (ENCODE_VAE, NORM_KINDS, LatentNorm, LatentNormError, PosteriorStats, downsample_factor,
+                        encode_moments, latent_channels, load_vae, vae_identity)
 from preprocessing.storage import IMAGE_SUFFIXES, LABELS_FILE, DatasetError, FileStore, latent_name
 from preprocessing.transforms import decode_rgb
 
@@ -184,14 +189,55 @@ def check_latent_record(dest, record, has_latents):
     return stored
 
 
+def latent_statistics(dest, names, channels, progress=False):
+    """Per-channel (mean, std) of the posterior samples of the latents ``names`` under ``dest``
+    (models.vae.PosteriorStats), read in the given order: one pass over the files."""
+    stats = PosteriorStats(channels)
+    for name in tqdm(names, unit="file", desc="latent statistics", disable=not progress):
+        stats.add(np.load(os.path.join(dest, name)))
+    return stats.result()
+
+
+def latent_norm_record(stored, mine, latent_norm, dest, names, channels, progress=False):
+    """The VAE record to write: ``stored`` (the one already in dest, else this VAE's) with the
+    normalisation of --latent-norm. "scale": the config's factors of the VAE the record names (this
+    VAE's, ``mine``, when the record predates them); a record of an older encode whose implied SD-VAE
+    normalisation (0.18215 / 0) is the same is kept as it is. "per-channel" adds the statistics of the
+    written files (``channels`` latent channels)."""
+    if latent_norm not in NORM_KINDS:
+        raise DatasetError(f"--latent-norm {latent_norm}: expected one of {', '.join(NORM_KINDS)}")
+    older = "latent_norm" not in stored and "latent_shift" not in stored
+    base = LatentNorm("scale", mine["latent_scale"], mine["latent_shift"])
+    if not older:
+        try:
+            base = LatentNorm.from_record(stored)
+        except LatentNormError:  # a damaged record: this VAE's factors (its encoder made the files)
+            pass
+    norm = LatentNorm("scale", base.scale, base.shift)
+    if latent_norm == "scale" and older and LatentNorm.from_record(stored) == norm:
+        return stored  # an SD-VAE folder of an older encode: its dataset.json stays byte for byte
+    if latent_norm == "per-channel":
+        mean, std = latent_statistics(dest, names, channels, progress)
+        if min(std) <= 0:
+            raise DatasetError(f"--latent-norm per-channel: a latent channel of {dest} is constant (std 0), so it "
+                               "cannot be normalised per channel; use --latent-norm scale")
+        norm = LatentNorm("per-channel", norm.scale, norm.shift, mean, std)
+    kept = {k: v for k, v in stored.items() if k not in ("latent_mean", "latent_std")}
+    return {**kept, **norm.fields()}
+
+
 def encode_dataset(source, dest, vae=ENCODE_VAE, batch_size=32, workers=None, max_images=None,
-                   device=None, zip_dest=False, progress=True) -> EncodeSummary:
+                   device=None, zip_dest=False, progress=True, latent_norm="scale") -> EncodeSummary:
     """Encode the PNGs of `source` (convert's folder or zip) into moments under the folder `dest`.
 
     Runs on every rank of a torchrun launch (ranks share the pending chunks round-robin; only
-    rank 0 writes dataset.json, after a barrier). vae: "ema"/"mse", a hub name or a local folder.
-    zip_dest: also pack `dest` into `dest.zip` at the end.
+    rank 0 writes dataset.json, after a barrier). vae: "ema"/"mse", a hub name or a local folder
+    (any diffusers AutoencoderKL). zip_dest: also pack `dest` into `dest.zip` at the end.
+    latent_norm: "scale" (the config's scaling / shift factor) or "per-channel" (statistics of the
+    data, one extra pass over the written latents by rank 0); see models.vae.LatentNorm.
     """
+    if latent_norm not in NORM_KINDS:
+        raise DatasetError(f"--latent-norm {latent_norm}: expected one of {', '.join(NORM_KINDS)}")
     if dest.lower().endswith(".zip"):
         raise DatasetError(
             f"--dest {dest}: encode writes a folder (that is what makes it resumable); pass the folder "
@@ -227,6 +273,7 @@ def encode_dataset(source, dest, vae=ENCODE_VAE, batch_size=32, workers=None, ma
         record = {"vae": vae_identity(model, vae), "encode": {
             "source": os.path.abspath(source), "images": len(names), "image_size": [width, height],
             "latent_shape": list(shape), "moments": "float32 (mean, std) of the posterior, unscaled"}}
+        this_vae = record["vae"]
         record["vae"] = check_latent_record(dest, record, any(n.endswith(".npy") for n in sizes))
         if rank == 0:  # before the first latent: a killed run still says which VAE made its files
             _write_if_changed(os.path.join(dest, PROGRESS_FILE), json.dumps(record, indent=1).encode())
@@ -270,6 +317,8 @@ def encode_dataset(source, dest, vae=ENCODE_VAE, batch_size=32, workers=None, ma
             for name in final:
                 if name.endswith(".tmp"):  # left by a killed run
                     os.remove(os.path.join(dest, name))
+            record["vae"] = latent_norm_record(record["vae"], this_vae, latent_norm, dest, out_names, shape[0] // 2,
+                                               progress)
             meta = {**record, "labels": [[n, y] for n, y in zip(out_names, labels)]}
             if class_names is not None:
                 meta["class_names"] = class_names

@@ -58,7 +58,9 @@ def sample_batch(model, indices, labels, args, path_type, shape, device, guide=N
 def sample_indices(args, model, config, vae, todo, folder, rank, world_size, device, channels, guide=None):
     """Sample this rank's share of ``todo`` (batches dealt round-robin) with ``model`` (its ModelConfig
     ``config``) and write their PNGs. ``args``: the sampler and label settings of parse_args (train.py's
-    evaluation passes its own, with the same names). ``guide``: the autoguidance model, or None.
+    evaluation passes its own, with the same names). ``vae``: the decoder, carrying the latents'
+    normalisation (models.vae.set_latent_norm; decode_to_uint8 inverts it), or None for pixels.
+    ``guide``: the autoguidance model, or None.
     Returns {index: (velocity evaluations, guided ones)} of the samples written with dopri5 (whose
     PNGs carry them as text chunks), else an empty dict."""
     model = model.to(device)

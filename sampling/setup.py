@@ -4,7 +4,7 @@ import os
 from errors import UserError
 from models.checkpoint import load_model
 from models.config import DEFAULTS, ConfigError, given_flags
-from models.vae import load_vae, vae_identity
+from models.vae import LatentNorm, LatentNormError, decoder_mismatch, load_vae, set_latent_norm, vae_identity
 from sampling.errors import GenerateError
 
 
@@ -56,7 +56,9 @@ def decoder_spec(args, config):
 def open_decoder(spec, loaded, device):
     """(VAE or None, its record or None, latent channels, downsample factor). The VAE must match the
     model's input channels and, when the checkpoint records the VAE of its training latents, have
-    the same encoder weights (the SD-VAE ft-EMA and ft-MSE share theirs)."""
+    the same encoder weights (the SD-VAE ft-EMA and ft-MSE share theirs) and the config's scaling /
+    shift factor recorded there. The VAE carries the normalisation of that record (older or no
+    record: the SD-VAE's 0.18215), so decoding inverts exactly what training did."""
     config = loaded.config
     if spec == "none":
         vae, record, channels, factor = None, None, 3, 1
@@ -72,6 +74,20 @@ def open_decoder(spec, loaded, device):
         raise GenerateError(f"--vae {spec} is not the VAE of the latents {os.path.basename(loaded.path)} was trained on (encoder "
                             f"{record['encoder_sha256'][:12]} vs {trained['encoder_sha256'][:12]} of "
                             f"{trained.get('name')}); pass --vae ema or mse for the SD-VAE, or that VAE's folder")
+    if vae is not None:
+        mismatch = decoder_mismatch(vae, trained)
+        if mismatch:
+            raise GenerateError(f"--vae {spec} cannot decode the latents {os.path.basename(loaded.path)} was trained "
+                                f"on: {mismatch}; pass --vae {trained.get('spec') or trained.get('name')}")
+        try:
+            norm = LatentNorm.from_record(trained)
+        except LatentNormError as exc:
+            raise GenerateError(f"--ckpt {loaded.path}: the latents' record in its provenance is unreadable ({exc}); "
+                                "use a checkpoint written by train.py") from None
+        if norm.channels is not None and norm.channels != channels:
+            raise GenerateError(f"--ckpt {loaded.path} records per-channel statistics of {norm.channels} channels "
+                                f"but --vae {spec} has {channels}; pick the VAE it was trained with")
+        set_latent_norm(vae, norm)
     return vae, record, channels, factor
 
 

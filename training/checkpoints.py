@@ -17,6 +17,7 @@ import torch
 
 from fileio import DiskFull, atomic_write, payload_bytes
 from models.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, load_state_into, seal
+from models.vae import LatentNorm, LatentNormError
 from training.data_order import global_batch_size
 from training.errors import TrainingError, first_line
 from training.optimizer import set_learning_rates
@@ -104,7 +105,9 @@ def restore_checkpoint(checkpoint, model, ema, optimizer, scaler=None, source="t
 
 def restore_training_state(checkpoint, path, args, config, model, ema, optimizer, scaler, dataset, log):
     """Load a checkpoint into the training objects (``model`` unwrapped); the flags' learning
-    rates and weight decays win over the saved ones. Returns a ResumePoint."""
+    rates and weight decays win over the saved ones. The data's latent normalisation must be the
+    one the checkpoint's provenance records (older records: the SD-VAE's). Returns a ResumePoint."""
+    check_latent_norm(checkpoint, path, args, dataset)
     step, samples_seen, nonfinite = restore_checkpoint(checkpoint, model, ema, optimizer, scaler, source=path)
     set_learning_rates(optimizer, args, config)
     if (checkpoint.get("data") or {}).get("dataset_size", len(dataset)) != len(dataset):
@@ -112,6 +115,23 @@ def restore_training_state(checkpoint, path, args, config, model, ema, optimizer
     samples_seen = step * global_batch_size(args) if samples_seen is None else samples_seen
     log.info(f"Resumed from {path} at step {step} ({samples_seen:,} samples seen)")
     return ResumePoint(step, samples_seen, nonfinite)
+
+
+def check_latent_norm(checkpoint, path, args, dataset):
+    """One line when the latents' record of --data-dir normalises otherwise than the data ``path`` was trained on."""
+    trained = ((checkpoint.get("provenance") or {}) if isinstance(checkpoint, dict) else {}).get("data")
+    now = getattr(dataset, "latent_norm", None)
+    if not trained or trained.get("mode") != "latent" or now is None:
+        return  # no record (an older or foreign checkpoint), or pixel space
+    try:
+        then = LatentNorm.from_record(trained.get("vae"))
+    except LatentNormError as exc:
+        raise TrainingError(f"{path}: the provenance's latent record is unreadable ({exc}); start a new "
+                            "--exp-name") from None
+    if then != now:
+        raise TrainingError(f"--data-dir {args.data_dir}: its latents are normalised with {now.describe()} but {path} "
+                            f"was trained with {then.describe()}; resume with the data it was trained on (or re-run "
+                            "encode with the --latent-norm it used)")
 
 
 def refuse_overwrite(checkpoint_dir, resume_step, overwrite):

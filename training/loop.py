@@ -32,11 +32,13 @@ class StepOutcome(NamedTuple):
     skipped: Optional[str]
 
 
-def optimizer_step(model, loss_fn, optimizer, scaler, data_iter, args, step, accelerator, nan_steps, encoders=()):
+def optimizer_step(model, loss_fn, optimizer, scaler, data_iter, args, step, accelerator, nan_steps, encoders=(),
+                   latent_norm=None):
     """One optimizer step over --gradient-accumulation-steps micro-batches, each seeded by
     (seed, step, shard). A non-finite loss (or gradient norm without fp16's scaler) on any
     process skips the step on every process. ``encoders`` (REPA): frozen, no randomness; their
-    tokens of each micro-batch's images are the alignment targets."""
+    tokens of each micro-batch's images are the alignment targets. ``latent_norm``: the data's
+    models.vae.LatentNorm (its record's), turning posterior samples into model inputs."""
     device, accum = accelerator.device, args.gradient_accumulation_steps
     sums = LossTerms(*(torch.zeros((), device=device) for _ in LossTerms._fields))
     for micro in range(accum):
@@ -46,7 +48,7 @@ def optimizer_step(model, loss_fn, optimizer, scaler, data_iter, args, step, acc
         image = batch.image.to(device, non_blocking=True) if hasattr(batch, "image") else None  # uint8
         zs = [encoder(image) for encoder in encoders]
         x = uint8_to_pixels(image) if args.vae == "none" else sample_posterior(
-            batch.moments.to(device, non_blocking=True))
+            batch.moments.to(device, non_blocking=True), norm=latent_norm)
         sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
         with sync:
             terms = loss_fn(model, x, dict(y=labels), zs=zs)
@@ -136,7 +138,8 @@ def train_loop(run):
     try:
         while run.step < run.total_steps:
             outcome = optimizer_step(run.model, run.loss_fn, run.optimizer, accelerator.scaler, run.data_iter, args,
-                                     run.step, accelerator, run.nan_steps, run.encoders)
+                                     run.step, accelerator, run.nan_steps, run.encoders,
+                                     latent_norm=getattr(run.dataset, "latent_norm", None))
             if outcome.skipped:
                 stats.skipped += 1
             elif accelerator.optimizer_step_was_skipped:

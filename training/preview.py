@@ -22,7 +22,8 @@ def preview_noise(args, config, device):
 
 @torch.no_grad()
 def make_preview(ema, vae, noise, labels, config, accelerator):
-    """(B, H, W, 3) uint8 samples of the EMA model in eval mode (not the training-mode model)."""
+    """(B, H, W, 3) uint8 samples of the EMA model in eval mode (not the training-mode model); ``vae``
+    decodes with the data's normalisation it carries (training.setup.check_data_vae set it)."""
     with accelerator.autocast():
         x = euler_sampler(ema, noise, labels, num_steps=PREVIEW_STEPS, cfg_scale=PREVIEW_CFG,
                           guidance_low=0.0, guidance_high=1.0, path_type=config.path_type, heun=False)

@@ -23,7 +23,8 @@ from models.config import DEFAULTS, MODEL_NAMES, ConfigError, given_flags, resol
 from models.encoders import EncoderWeightsError, EncoderWeightsMissing, alignment_fields, training_encoders
 from models.fused import apply_speed_levers, persistent_compile_cache
 from models.sit import SiT
-from models.vae import VAEWeightsMissing, downsample_factor, latent_channels, load_vae, vae_identity
+from models.vae import (VAEWeightsMissing, decoder_mismatch, downsample_factor, latent_channels, load_vae,
+                        set_latent_norm, vae_identity)
 from preprocessing.storage import DatasetError
 from training.checkpoints import refuse_overwrite
 from training.errors import TrainingError
@@ -168,8 +169,12 @@ def load_preview_vae(args, accelerator):
 def check_data_vae(args, dataset, vae):
     """The preview decoder must belong to the VAE that encoded the latents: its encoder weights
     must hash to the ones recorded in vae-sd/dataset.json (the SD-VAE ft-EMA and ft-MSE share
-    their encoder, so either decodes latents made by the other)."""
+    their encoder, so either decodes latents made by the other), and its config's scaling / shift
+    factor must be the recorded ones. The decoder then carries the data's normalisation
+    (models.vae.set_latent_norm), so previews and --eval-every decode what training normalised."""
     record = getattr(dataset, "vae_record", None)
+    if vae is not None and getattr(dataset, "latent_norm", None) is not None:
+        set_latent_norm(vae, dataset.latent_norm)
     if vae is None or not record or not record.get("encoder_sha256"):
         if args.vae != "none" and dataset.mode == "latent" and not record:
             logger.warning(f"{args.data_dir}/vae-sd records no VAE (encoded by an older version): the --vae "
@@ -180,6 +185,10 @@ def check_data_vae(args, dataset, vae):
         raise TrainingError(f"--vae {args.vae} is not the VAE that encoded {args.data_dir}/vae-sd (its encoder "
                             f"weights {mine['encoder_sha256'][:12]} differ from {record['encoder_sha256'][:12]} of "
                             f"{record.get('name')}); pass --vae {record.get('spec') or record.get('name')}")
+    mismatch = decoder_mismatch(vae, record)
+    if mismatch:
+        raise TrainingError(f"--vae {args.vae} cannot decode {args.data_dir}/vae-sd: {mismatch}; pass --vae "
+                            f"{record.get('spec') or record.get('name')} (the VAE the data was encoded with)")
 
 
 def training_config(args, in_channels, input_size, checkpoint=None, source=None):
