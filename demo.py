@@ -205,98 +205,23 @@ def main(argv=None):
     out = os.path.abspath(args.out)
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
-    python = sys.executable
     start = time.time()
     res = args.resolution
 
     # 1. data in the ImageNet layout
-    data_dir = os.path.join(out, "data")
-    if args.source is None:
-        print("== 1/6 data: scikit-learn digits -> class folders -> preprocessing/dataset_tools.py convert")
-        images, labels = digit_images(res)
-        num_classes, source, transform = NUM_CLASSES, os.path.join(out, "raw_digits"), "center-crop"
-        if not os.path.exists(os.path.join(data_dir, "images", "dataset.json")):
-            write_class_folders(images, labels, source)
-    else:
-        print(f"== 1/6 data: {args.source} -> preprocessing/dataset_tools.py convert at {res}x{res}")
-        source, transform = os.path.abspath(args.source), "center-crop-dhariwal"
-    if not os.path.exists(os.path.join(data_dir, "images", "dataset.json")):
-        run([python, "preprocessing/dataset_tools.py", "convert", "--source", source, "--dest",
-             os.path.join(data_dir, "images"), "--resolution", f"{res}x{res}", "--transform", transform,
-             "--workers", "2"], os.path.join(logs, "convert.log"))
-    if args.source is not None:
-        images, labels, num_classes = folder_images(data_dir)
+    data_dir, images, labels, num_classes = prepare_data(args, out, logs)
     per_class = -(-(args.samples or cfg["samples"]) // num_classes)
     cfg.update(samples=per_class * num_classes, num_classes=num_classes, resolution=res, device=device)
     if args.samples and args.samples % num_classes:
         parser.error(f"--samples must be a multiple of the {num_classes} classes")
     reference = os.path.join(out, "reference.npz" if args.source else "digits_reference.npz")
     save_reference_npz(images, reference)
-    # on a CPU train.py leaves mixed precision off by itself; the GPU takes the authors' fp16
-    precision = [] if device == "cuda" else ["--mixed-precision", "no"]
 
     variants = {"lsep": []} if not args.baseline else {"lsep": [], "baseline": ["--no-probe"]}
-    results = {}
     clf, clf_real = fit_digit_classifier(images, labels, args.seed)
     weights = inception_weights_path(args.inception_weights)
-    for name, extra in variants.items():
-        # 2. training
-        print(f"== 2/6 train {name}: {cfg['steps']} steps, pixel space, {device}")
-        run([python, "train.py", "--exp-name", name, "--output-dir", os.path.join(out, "exps"), "--data-dir", data_dir,
-             "--vae", "none", "--resolution", str(res), "--num-classes", str(num_classes),
-             *model_flags(res), *RECIPE_FLAGS, *extra, "--max-train-steps", str(cfg["steps"]),
-             "--checkpointing-steps", str(cfg["steps"]), "--sampling-steps", "0", *precision,
-             "--report-to", "none", "--num-workers", "0", "--seed", str(args.seed),
-             "--log-every", str(max(1, cfg["steps"] // 20)), "--resume-step", "-1"],
-            os.path.join(logs, f"train_{name}.log"))
-        ckpt = os.path.join(out, "exps", name, "checkpoints", f"{cfg['steps']:07d}.pt")
-        with open(os.path.join(out, "exps", name, "stats.jsonl")) as f:
-            last = [json.loads(line) for line in f][-1]
-
-        # 3. sampling
-        print(f"== 3/6 generate {cfg['samples']} samples ({name})")
-        gen_argv = ["--ckpt", ckpt, "--num-fid-samples", str(cfg["samples"]), "--balanced-labels", "--mode", "ode",
-                    "--heun", "--num-steps", str(cfg["sample_steps"]), "--cfg-scale", "1.0",
-                    "--per-proc-batch-size", "100", "--sample_dir", os.path.join(out, "samples"), "--name_add", name,
-                    "--global-seed", str(args.seed), "--device", device]  # model, --vae none, size: from the checkpoint
-        run([python, "generate.py", *gen_argv], os.path.join(logs, f"generate_{name}.log"))
-        import generate
-        npz = generate.main(generate.parse_args(gen_argv + ["--print-npz-path"])) + ".npz"
-        samples = np.load(npz)["arr_0"]
-        cond_labels = sample_labels(cfg["samples"], num_classes, args.seed, balanced=True).numpy()
-        grid = os.path.join(out, f"grid_{name}.png")
-        class_grid(samples, cond_labels, grid, num_classes=num_classes)
-
-        # 4. class consistency
-        print(f"== 4/6 class consistency ({name})")
-        consistency = class_consistency(clf, samples, cond_labels)
-
-        # 5. linear separability per block
-        print(f"== 5/6 linear probe per block ({name})")
-        probe_out = os.path.join(out, f"probe_{name}")
-        num_train = min(cfg["probe_train"], len(labels) * 2 // 3)
-        num_test = min(cfg["probe_test"], len(labels) - num_train)
-        run([python, "probe.py", "--ckpt", ckpt, "--data-dir", data_dir, "--timesteps", "0.0", "0.5",
-             "--num-train", str(num_train), "--num-test", str(num_test), "--out", probe_out,
-             "--device", device, "--num-workers", "0", "--seed", str(args.seed)],
-            os.path.join(logs, f"probe_{name}.log"))
-        with open(os.path.join(probe_out, "probe.json")) as f:
-            probe = json.load(f)
-
-        # 6. ADM metrics when the Inception weights exist
-        metrics = None
-        if weights:
-            print(f"== 6/6 evaluator ({name})")
-            run([python, "evaluator/evaluator.py", reference, npz, "--inception-weights", weights, "--device", device],
-                os.path.join(logs, f"evaluate_{name}.log"))
-            with open(os.path.splitext(npz)[0] + ".metrics.json") as f:
-                metrics = json.load(f)
-        results[name] = dict(checkpoint=ckpt, samples_npz=npz, grid=grid, probe_json=os.path.join(probe_out, "probe.json"),
-                             probe_png=os.path.join(probe_out, "probe.png"), final_loss=last["loss"],
-                             final_probe_accuracy=last.get("probe_accuracy"), class_consistency=consistency,
-                             probe_timesteps=probe["timesteps"], probe_layers=probe["layers"], probe_top1=probe["top1"],
-                             metrics=metrics)
-
+    results = {name: run_variant(name, extra, args, cfg, out, logs, data_dir, labels, clf, weights, reference)
+               for name, extra in variants.items()}
     summary = dict(settings=cfg, data=args.source or "scikit-learn digits", seconds=round(time.time() - start, 1),
                    real_digit_classifier_accuracy=clf_real,
                    fid="computed" if weights else "skipped: Inception weights not found (pass --inception-weights "
@@ -306,6 +231,93 @@ def main(argv=None):
         json.dump(summary, f, indent=2)
     print_summary(summary, out)
     return summary
+
+
+def run_variant(name, extra, args, cfg, out, logs, data_dir, labels, clf, weights, reference):
+    """Stages 2-6 for one model (LSEP, or the baseline with ``extra`` = --no-probe): train, sample,
+    class consistency, the per-block probe, and the ADM metrics when the Inception weights exist."""
+    res, num_classes, device = cfg["resolution"], cfg["num_classes"], cfg["device"]
+    # on a CPU train.py leaves mixed precision off by itself; the GPU takes the authors' fp16
+    precision = [] if device == "cuda" else ["--mixed-precision", "no"]
+    # 2. training
+    print(f"== 2/6 train {name}: {cfg['steps']} steps, pixel space, {device}")
+    run([sys.executable, "train.py", "--exp-name", name, "--output-dir", os.path.join(out, "exps"), "--data-dir", data_dir,
+         "--vae", "none", "--resolution", str(res), "--num-classes", str(num_classes),
+         *model_flags(res), *RECIPE_FLAGS, *extra, "--max-train-steps", str(cfg["steps"]),
+         "--checkpointing-steps", str(cfg["steps"]), "--sampling-steps", "0", *precision,
+         "--report-to", "none", "--num-workers", "0", "--seed", str(args.seed),
+         "--log-every", str(max(1, cfg["steps"] // 20)), "--resume-step", "-1"],
+        os.path.join(logs, f"train_{name}.log"))
+    ckpt = os.path.join(out, "exps", name, "checkpoints", f"{cfg['steps']:07d}.pt")
+    with open(os.path.join(out, "exps", name, "stats.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
+
+    # 3. sampling
+    print(f"== 3/6 generate {cfg['samples']} samples ({name})")
+    gen_argv = ["--ckpt", ckpt, "--num-fid-samples", str(cfg["samples"]), "--balanced-labels", "--mode", "ode",
+                "--heun", "--num-steps", str(cfg["sample_steps"]), "--cfg-scale", "1.0",
+                "--per-proc-batch-size", "100", "--sample_dir", os.path.join(out, "samples"), "--name_add", name,
+                "--global-seed", str(args.seed), "--device", device]  # model, --vae none, size: from the checkpoint
+    run([sys.executable, "generate.py", *gen_argv], os.path.join(logs, f"generate_{name}.log"))
+    import generate
+    npz = generate.main(generate.parse_args(gen_argv + ["--print-npz-path"])) + ".npz"
+    samples = np.load(npz)["arr_0"]
+    cond_labels = sample_labels(cfg["samples"], num_classes, args.seed, balanced=True).numpy()
+    grid = os.path.join(out, f"grid_{name}.png")
+    class_grid(samples, cond_labels, grid, num_classes=num_classes)
+
+    # 4. class consistency
+    print(f"== 4/6 class consistency ({name})")
+    consistency = class_consistency(clf, samples, cond_labels)
+
+    # 5. linear separability per block
+    print(f"== 5/6 linear probe per block ({name})")
+    probe_out = os.path.join(out, f"probe_{name}")
+    num_train = min(cfg["probe_train"], len(labels) * 2 // 3)
+    num_test = min(cfg["probe_test"], len(labels) - num_train)
+    run([sys.executable, "probe.py", "--ckpt", ckpt, "--data-dir", data_dir, "--timesteps", "0.0", "0.5",
+         "--num-train", str(num_train), "--num-test", str(num_test), "--out", probe_out,
+         "--device", device, "--num-workers", "0", "--seed", str(args.seed)],
+        os.path.join(logs, f"probe_{name}.log"))
+    with open(os.path.join(probe_out, "probe.json")) as f:
+        probe = json.load(f)
+
+    # 6. ADM metrics when the Inception weights exist
+    metrics = None
+    if weights:
+        print(f"== 6/6 evaluator ({name})")
+        run([sys.executable, "evaluator/evaluator.py", reference, npz, "--inception-weights", weights, "--device", device],
+            os.path.join(logs, f"evaluate_{name}.log"))
+        with open(os.path.splitext(npz)[0] + ".metrics.json") as f:
+            metrics = json.load(f)
+    return dict(checkpoint=ckpt, samples_npz=npz, grid=grid, probe_json=os.path.join(probe_out, "probe.json"),
+                probe_png=os.path.join(probe_out, "probe.png"), final_loss=last["loss"],
+                final_probe_accuracy=last.get("probe_accuracy"), class_consistency=consistency,
+                probe_timesteps=probe["timesteps"], probe_layers=probe["layers"], probe_top1=probe["top1"],
+                metrics=metrics)
+
+
+def prepare_data(args, out, logs):
+    """Stage 1: the digits (or --source's class folders) through ``convert`` at --resolution into
+    ``<out>/data/images``; returns (data folder, real images (N, R, R, 3) uint8, labels, class count)."""
+    res, data_dir = args.resolution, os.path.join(out, "data")
+    done = os.path.exists(os.path.join(data_dir, "images", "dataset.json"))
+    if args.source is None:
+        print("== 1/6 data: scikit-learn digits -> class folders -> preprocessing/dataset_tools.py convert")
+        images, labels = digit_images(res)
+        num_classes, source, transform = NUM_CLASSES, os.path.join(out, "raw_digits"), "center-crop"
+        if not done:
+            write_class_folders(images, labels, source)
+    else:
+        print(f"== 1/6 data: {args.source} -> preprocessing/dataset_tools.py convert at {res}x{res}")
+        source, transform = os.path.abspath(args.source), "center-crop-dhariwal"
+    if not done:
+        run([sys.executable, "preprocessing/dataset_tools.py", "convert", "--source", source, "--dest",
+             os.path.join(data_dir, "images"), "--resolution", f"{res}x{res}", "--transform", transform,
+             "--workers", "2"], os.path.join(logs, "convert.log"))
+    if args.source is not None:
+        images, labels, num_classes = folder_images(data_dir)
+    return data_dir, images, labels, num_classes
 
 
 def pick_device(flag):
