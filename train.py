@@ -18,7 +18,7 @@ import os
 from errors import run_cli
 from loss import WEIGHTINGS, WEIGHTS_TYPES
 from models.config import DEFAULT_ALIGN_DEPTH, DEFAULT_PROJECTOR_DIM, DEFAULTS, MODEL_NAMES, PATH_TYPES
-from models.fused import add_lever_flags
+from models.fused import add_speed_option_flags
 from posthoc_ema import parse_sigma_rels
 from provenance import run_record
 from samplers import unwrap_model
@@ -255,7 +255,7 @@ def parse_args(argv=None):
     # testing: sleep inside the save of this step's checkpoint, its temporary file written (kill tests)
     parser.add_argument("--debug-slow-save-step", type=int, default=None, help=argparse.SUPPRESS)
     # opt-in speed options (models/fused.py; measured by benchmarks/bench_train.py --levers); all off by default
-    add_lever_flags(parser)
+    add_speed_option_flags(parser)
     # testing: multiply the loss by NaN at these steps, e.g. "3,5-7" (step numbers as logged, from 1)
     parser.add_argument("--debug-nan-steps", type=str, default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -50,7 +50,7 @@ from benchmarks.reference_paths import AUTHORS_TRAINING, ReferenceForward, atten
     loop_ema_update  # noqa: E402
 from loss import LSEPLoss  # noqa: E402
 from models import SiT_models  # noqa: E402
-from models.fused import add_lever_flags, apply_speed_levers, clip_grad_norm_into_fused_adamw_, \
+from models.fused import add_speed_option_flags, apply_speed_options, clip_grad_norm_into_fused_adamw_, \
     persistent_compile_cache  # noqa: E402
 from models.flops import SiTFlopsConfig, mfu, peak_flops, repa_train_step_flops, train_step_flops  # noqa: E402
 
@@ -181,7 +181,7 @@ class StepRunner:
 
     def __init__(self, variant, model, ema_params, loss_fn, device, clip_grad=1.0, decay=0.9999):
         if any(variant.model_levers.values()):
-            model = apply_speed_levers(shared_copy(model), **variant.model_levers)
+            model = apply_speed_options(shared_copy(model), **variant.model_levers)
         self.variant, self.model, self.loss_fn, self.device = variant, model, loss_fn, device
         self.clip_grad, self.decay = clip_grad, decay
         if variant.probe == "one-batch":
@@ -416,7 +416,7 @@ def parse_args(argv=None):
     p.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls for fp32 (the recipe's --allow-tf32); sets the fp32 peak used for MFU")
     p.add_argument("--compile", action="store_true", help="torch.compile our path (the reference stays eager)")
-    add_lever_flags(p)  # --compile-mode --compile-cache --gelu-epilogue --fused-norm-modulate --fp8 (ours only)
+    add_speed_option_flags(p)  # --compile-mode --compile-cache --gelu-epilogue --fused-norm-modulate --fp8 (ours only)
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="ours: recompute block activations in the backward pass (train.py --grad-checkpoint)")
     p.add_argument("--reference-attention", default="sdpa", choices=["sdpa", "manual"],

@@ -1,8 +1,8 @@
-"""Opt-in speed levers for a built ``models.SiT``, applied from outside the model.
+"""Opt-in speed options for a built ``models.SiT``, applied from outside the model.
 
-``apply_speed_levers(model, ...)`` mutates a SiT in place: it swaps submodules or a block's class
+``apply_speed_options(model, ...)`` mutates a SiT in place: it swaps submodules or a block's class
 for ones that hold the same ``nn.Parameter`` objects, so ``state_dict`` keys, values and the
-optimizer's parameter list are unchanged and checkpoints load either way. Each lever is off by
+optimizer's parameter list are unchanged and checkpoints load either way. Each option is off by
 default and is checked against the eager ops by ``tests/test_fused.py``.
 
 * ``gelu_epilogue``: ``mlp.fc1`` + tanh-GELU as one ``torch._addmm_activation`` call on CUDA,
@@ -15,7 +15,7 @@ default and is checked against the eager ops by ``tests/test_fused.py``.
   with one Triton backward kernel. Computed in float32 and rounded where the eager ops round
   (``1 + scale`` and ``gate * y`` in the adaLN dtype), so results equal the eager ops up to
   float32 summation order. ``torch.compile`` already fuses these ops this way (inductor's
-  kernels ``..._add_mul_native_layer_norm...``), so this lever is for eager runs; compiled, the
+  kernels ``..._add_mul_native_layer_norm...``), so this option is for eager runs; compiled, the
   custom ops only hide them from inductor.
 * ``fp8``: torchao float8 training (dynamic tensorwise scaling) for the four matmuls inside each
   block (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``): 96% of SiT-XL/2's FLOPs. The
@@ -46,8 +46,8 @@ FP8_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def add_lever_flags(parser):
-    """The levers' command-line flags, shared by train.py and benchmarks/bench_train.py; all off by default."""
+def add_speed_option_flags(parser):
+    """The speed options' command-line flags, shared by train.py and benchmarks/bench_train.py; all off by default."""
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                         help="torch.compile mode with --compile (reduce-overhead and max-autotune also replay the "
                              "step as CUDA graphs)")
@@ -61,8 +61,8 @@ def add_lever_flags(parser):
                         help="FP8 matmuls in the blocks (torchao; sm89+ GPUs, bf16); NOT equal numerics")
 
 
-def apply_speed_levers(model, gelu_epilogue=False, fused_norm_modulate=False, fp8=False):
-    """Turn the chosen levers on in ``model`` (a ``models.SiT``) in place; returns ``model``.
+def apply_speed_options(model, gelu_epilogue=False, fused_norm_modulate=False, fp8=False):
+    """Turn the chosen speed options on in ``model`` (a ``models.SiT``) in place; returns ``model``.
 
     Call after moving the model to its device and before ``torch.compile`` or a DDP wrapper. The
     EMA copy needs none (same keys); a checkpoint of either loads into the other.
@@ -266,7 +266,7 @@ def _launch_shape(x):
     batch, tokens, dim = x.shape
     if x.device.type != "cuda" and not triton_interpreting():
         raise RuntimeError(f"fused norm/modulate kernels need CUDA tensors, got {x.device} "
-                           "(apply_speed_levers(fused_norm_modulate=False) off the GPU)")
+                           "(apply_speed_options(fused_norm_modulate=False) off the GPU)")
     return batch, tokens, dim, max(16, 1 << (dim - 1).bit_length()), math.gcd(tokens, 16)
 
 

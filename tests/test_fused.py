@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from models import SiT  # noqa: E402
 from models.fused import (  # noqa: E402
-    FP8_LAYERS, GeluEpilogueLinear, apply_speed_levers, check_fp8_device, clip_grad_norm_into_fused_adamw_,
+    FP8_LAYERS, GeluEpilogueLinear, apply_speed_options, check_fp8_device, clip_grad_norm_into_fused_adamw_,
     convert_to_fp8, gate_residual, norm_modulate, residual_norm_modulate,
 )
 from models.sit import modulate  # noqa: E402
@@ -174,7 +174,7 @@ def test_triton_residual_norm_modulate_kernel_equals_eager_forward_and_backward(
 
 
 #################################################################################
-#                          apply_speed_levers on a SiT                          #
+#                          apply_speed_options on a SiT                          #
 #################################################################################
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -182,7 +182,7 @@ def test_triton_residual_norm_modulate_kernel_equals_eager_forward_and_backward(
 def test_triton_levers_keep_keys_and_parameters_and_give_the_eager_results(autocast):
     eager, fused = tiny(device=DEVICE), tiny(device=DEVICE)
     keys, params = list(fused.state_dict()), dict(fused.named_parameters())
-    apply_speed_levers(fused, gelu_epilogue=True, fused_norm_modulate=True)
+    apply_speed_options(fused, gelu_epilogue=True, fused_norm_modulate=True)
     assert list(fused.state_dict()) == keys
     assert all(p is params[n] for n, p in fused.named_parameters())
     assert all(isinstance(b.mlp.fc1, GeluEpilogueLinear) for b in fused.blocks)
@@ -201,7 +201,7 @@ def test_triton_levers_keep_keys_and_parameters_and_give_the_eager_results(autoc
 
 @triton_test
 def test_triton_levers_trace_as_one_graph_with_no_breaks():
-    model = apply_speed_levers(tiny(device=DEVICE), gelu_epilogue=True, fused_norm_modulate=True)
+    model = apply_speed_options(tiny(device=DEVICE), gelu_epilogue=True, fused_norm_modulate=True)
     x, t, y, y_probe, window = inputs(device=DEVICE)
 
     def loss(x, t, y, y_probe):
@@ -217,15 +217,15 @@ def test_triton_levers_trace_as_one_graph_with_no_breaks():
 
 def test_lever_errors_are_one_line(monkeypatch):
     with pytest.raises(ValueError, match="choose one"):
-        apply_speed_levers(tiny(), gelu_epilogue=True, fp8=True)
+        apply_speed_options(tiny(), gelu_epilogue=True, fp8=True)
     with pytest.raises(ValueError, match="compute capability >= 8.9") as info:
-        apply_speed_levers(tiny(), fp8=True)
+        apply_speed_options(tiny(), fp8=True)
     assert "\n" not in str(info.value) and "--fp8" in str(info.value)
     with pytest.raises(ValueError, match="--fp8"):
         check_fp8_device("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA GPU") as info:
-        apply_speed_levers(tiny(), fused_norm_modulate=True)
+        apply_speed_options(tiny(), fused_norm_modulate=True)
     assert "\n" not in str(info.value)
 
 

@@ -21,7 +21,7 @@ from loss import LSEPLoss
 from models.checkpoint import CheckpointError, config_from_checkpoint, extract_state_dict, weights_sha256
 from models.config import DEFAULTS, MODEL_NAMES, ConfigError, given_flags, resolve_config
 from models.encoders import EncoderWeightsError, EncoderWeightsMissing, alignment_fields, training_encoders
-from models.fused import apply_speed_levers, persistent_compile_cache
+from models.fused import apply_speed_options, persistent_compile_cache
 from models.sit import SiT
 from models.vae import (VAEWeightsMissing, decoder_mismatch, downsample_factor, latent_channels, load_vae,
                         set_latent_norm, vae_identity)
@@ -254,7 +254,7 @@ def build_model(args, config, device):
     model.grad_checkpoint = args.grad_checkpoint
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     try:  # same Parameters and keys, so the EMA and checkpoints are unchanged
-        apply_speed_levers(model, gelu_epilogue=args.gelu_epilogue, fused_norm_modulate=args.fused_norm_modulate,
+        apply_speed_options(model, gelu_epilogue=args.gelu_epilogue, fused_norm_modulate=args.fused_norm_modulate,
                            fp8=args.fp8)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
