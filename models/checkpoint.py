@@ -390,6 +390,19 @@ def _holds_tensors(value):
     return any(torch.is_tensor(leaf) for _, leaf in _leaves(value))
 
 
+def load_weights_file(path, which="ema"):
+    """(checkpoint, verified hashes or None) for a tool that reads one set of weights: the file
+    loaded, its ``which`` weights entry and every entry without tensors (config, provenance, args,
+    steps) verified against its integrity record; the other weights and the optimizer state are
+    not read."""
+    checkpoint = load_checkpoint_file(path, verify_entries=None)
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get(INTEGRITY_KEY), dict)):
+        return checkpoint, None
+    used = weights_entry(checkpoint, which)
+    return checkpoint, verify(checkpoint, path, [e for e in checkpoint[INTEGRITY_KEY] if e == used or
+                                                 (e in checkpoint and not _holds_tensors(checkpoint[e]))])
+
+
 def load_model(path, given=None, defaults=None, which="ema", fused_attn=True, checkpoint=None, hash_weights=True):
     """Rebuild the model of any checkpoint (ours, the authors', SiT, REPA, bare state dicts) with
     its ``which`` weights; see ``config_from_checkpoint`` for ``given`` and ``defaults``.
@@ -403,11 +416,7 @@ def load_model(path, given=None, defaults=None, which="ema", fused_attn=True, ch
 
     verified = None
     if checkpoint is None:
-        checkpoint = load_checkpoint_file(path, verify_entries=None)
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(INTEGRITY_KEY), dict):
-            used = weights_entry(checkpoint, which)
-            verified = verify(checkpoint, path, [e for e in checkpoint[INTEGRITY_KEY] if e == used or
-                                                 (e in checkpoint and not _holds_tensors(checkpoint[e]))])
+        checkpoint, verified = load_weights_file(path, which)
     state = extract_state_dict(checkpoint, which)
     source = f"checkpoint {path}"
     config, kind = config_from_checkpoint(checkpoint, state, given, defaults, source)

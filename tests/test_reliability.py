@@ -357,3 +357,20 @@ def test_generate_hints_for_a_pixel_model_and_a_folder(tmp_path, capsys):
         generate.cli(["--ckpt", folder, *common])
     err = capsys.readouterr().err
     assert info.value.code == 2 and f"checkpoint {folder} is a folder, not a .pt file; pass a file inside it" in err
+
+
+def test_init_from_verifies_the_weights_it_copies(unbroken, tmp_path):
+    from models import SiT
+    from training.init_from import init_from
+
+    path = str(tmp_path / "src.pt")
+    shutil.copy(os.path.join(folder_of(unbroken, "full"), "0000004.pt"), path)
+    source = ckpt(unbroken, "full", 4)
+    model = SiT(**{k: v for k, v in source["config"].items() if k != "model"})
+    ema = SiT(**{k: v for k, v in source["config"].items() if k != "model"})
+    damage_tensor(path, next(iter(source["opt"]["state"].values()))["exp_avg"])  # the optimizer state: not read
+    assert init_from(path, "ema", model, ema)["copied"] > 0
+    assert torch.equal(model.state_dict()["pos_embed"], ema.state_dict()["pos_embed"])
+    damage_tensor(path, source["ema"]["blocks.0.attn.qkv.weight"])
+    with pytest.raises(TrainingError, match=rf"^--init-from: checkpoint {path} is damaged: its 'ema' entry"):
+        init_from(path, "ema", model, ema)

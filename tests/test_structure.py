@@ -21,7 +21,7 @@ from models.config import CROP_SWITCH, DERIVED_FIELDS, FLAGS, ModelConfig, flag_
 
 SCRIPTS = {"train", "generate", "probe", "demo"}  # entry points: nothing in a package imports them
 LIBRARIES = ("models", "training", "sampling", "evaluator", "preprocessing", "loss", "dataset", "samplers",
-             "fileio", "seeding", "errors", "provenance", "posthoc_ema", "flagcheck")
+             "fileio", "seeding", "errors", "provenance", "posthoc_ema", "flagcheck", "devices")
 # function-local imports of project modules that stay, each for start-up time or an optional stack
 ALLOWED_LOCAL = {
     ("models", "models.sit"), ("models", "models.config"),  # `import models` without timm
@@ -151,7 +151,7 @@ def _project_text_files():
 
 
 def test_no_reference_to_files_outside_the_repository_or_issue_numbers():
-    pattern = re.compile(r"LSEP_SPEC|spec section|\bissues? #?\d+\b", re.IGNORECASE)
+    pattern = re.compile(r"LSEP[_]SPEC|spec section|\bissues? #?\d+\b", re.IGNORECASE)  # [_]: not itself a hit
     bad = []
     for path in _project_text_files():
         for i, line in enumerate(open(path, encoding="utf-8", errors="replace"), 1):

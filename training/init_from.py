@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from models.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, weights_entry, weights_sha256
+from models.checkpoint import CheckpointError, extract_state_dict, load_weights_file, weights_entry, weights_sha256
 from training.errors import TrainingError
 
 # Heads that another --num-classes (or another codebase) changes: skipped when they do not fit.
@@ -54,7 +54,7 @@ def init_from(path, which, model, ema):
     """Copy the ``which`` ("ema" or "model") weights of checkpoint ``path`` into ``model`` and
     ``ema`` (see ``init_weights_plan``). Returns the record for checkpoint["provenance"]["init_from"]."""
     try:
-        checkpoint = load_checkpoint_file(path)
+        checkpoint, _ = load_weights_file(path, which)  # verified: the weights used and the metadata
         state = extract_state_dict(checkpoint, which)
     except CheckpointError as exc:
         raise TrainingError(f"--init-from: {exc}") from None
