@@ -138,8 +138,6 @@ def plot(result, path, sha):
                 ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
             ax.set_xlabel("training steps" if axis == "step" else "training GFLOPs")
             ax.set_ylabel(metric_label(name) + ("" if name in ("frechet_distance", "kid") else " (%)"), fontsize=8)
-            if name in ("frechet_distance", "kid"):
-                ax.set_yscale("symlog", linthresh=1.0)
             ax.grid(alpha=0.3)
             if k == 0 and row == 0:
                 ax.legend(fontsize=8)

@@ -282,7 +282,6 @@ def test_quick_pipeline_runs_and_metrics_are_finite_and_in_range(quick_result):
         ckpt = torch.load(out / "work" / "exps" / f"{arm}-seed{seeds[0]}" / "checkpoints" / f"{cfg['steps']:07d}.pt",
                           map_location="cpu", weights_only=False)
         assert ckpt["config"]["probe"] == de.ARMS[arm]["probe"] and ckpt["config"]["encoder_depth"] == 1
-    # the two arms of a seed were sampled with the same labels and noise seed: same label file order
     s = result["summary"]
     assert len(s["endpoints"]) == 2 * 2 * len(de.ENDPOINTS)
     for e in s["endpoints"]:
@@ -295,3 +294,33 @@ def test_quick_pipeline_runs_and_metrics_are_finite_and_in_range(quick_result):
     assert result["invocation"]["records_reused"] == 0 and len(result["invocation"]["code"]) >= 40
     md = (out / "results" / "digits_evidence.md").read_text()
     assert "**Endpoints**" in md and Image.open(out / "results" / "digits_evidence.png").size[0] > 500
+
+
+def test_repa_arms_join_the_quick_work_folder_and_reuse_its_measurements(quick_result):
+    """--arms with REPA over the quick run's folder: the baseline and LSEP measurements are reused,
+    the digit ViT is trained on the training split, and the REPA checkpoints align to it."""
+    out, first = quick_result
+    proc = subprocess.run([sys.executable, "experiments/digits_evidence.py", "--quick", "--out", str(out / "work"),
+                           "--results", str(out / "results_repa"), "--arms", *de.ARMS], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "results_repa" / "digits_evidence.json") as f:
+        result = json.load(f)
+    cfg = first["settings"]
+    per_arm = len(cfg["seeds"]) * (cfg["steps"] // cfg["eval_every"])
+    assert result["settings"]["arms"] == list(de.ARMS) and len(result["records"]) == 4 * per_arm
+    assert result["invocation"]["records_reused"] == 2 * per_arm  # baseline and LSEP, measured by the quick run
+    old = {(r["arm"], r["seed"], r["step"]): r["cfg"] for r in first["records"]}
+    for r in result["records"]:
+        if r["arm"] in de.TEST_ARMS:
+            assert r["cfg"] == old[(r["arm"], r["seed"], r["step"])]
+    enc = result["encoder"]
+    assert enc["enc_arch"] == de.ENCODER_ARCH and 0.0 <= enc["held_out_accuracy"] <= 1.0
+    assert enc["file_sha256"] == de.file_sha256(str(out / "work" / "encoder" / f"{de.ENCODER_NAME}.pt"))
+    assert result["flops_per_step"]["repa_lsep"] - result["flops_per_step"]["lsep"] == \
+        result["flops_per_step"]["repa"] - result["flops_per_step"]["baseline"] > 0
+    import torch
+    ckpt = torch.load(out / "work" / "exps" / f"repa_lsep-seed{cfg['seeds'][0]}" / "checkpoints" / f"{cfg['steps']:07d}.pt",
+                      map_location="cpu", weights_only=False)
+    assert ckpt["config"]["probe"] and ckpt["config"]["encoder_depth"] == 1
+    assert ckpt["config"]["align_depth"] == de.ALIGN_DEPTH and any(k.startswith("projectors.") for k in ckpt["model"])
