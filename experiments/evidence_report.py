@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from demo import flag_value
+
 
 def label(result, arm):
     return result["settings"]["arm_definitions"][arm]["label"]
@@ -48,7 +50,7 @@ def markdown(result, sha):
     vs = f"{label(result, treated)} - {label(result, control)}"
     lines = [
         f"Arms: {', '.join(label(result, a) for a in arms)}; {cfg['steps']} steps each, batch "
-        f"{result['settings']['train_flags'][result['settings']['train_flags'].index('--batch-size') + 1]}, paired seeds "
+        f"{flag_value(cfg['train_flags'], '--batch-size')}, paired seeds "
         f"{', '.join(map(str, s['seeds']))} (same initial weights, data order and sample noise per seed). "
         f"{cfg['samples']} samples per measurement ({cfg['sample_steps']}-step Heun ODE, balanced labels) vs "
         f"{result['data']['held_out']} held-out real digits; judge CNN held-out accuracy "
@@ -95,7 +97,7 @@ def markdown(result, sha):
     for m in eq["metrics"]:
         lines.append(f"| {metric_label(m['metric'])} | " + " | ".join(fmt_ms(m["metric"], m[f"{a}_mean_std"]) for a in arms)
                      + f" | {fmt_paired(m['metric'], m['paired'])} |")
-    depth = cfg["train_flags"][cfg["train_flags"].index("--encoder-depth") + 1]
+    depth = flag_value(cfg["train_flags"], "--encoder-depth")
     names = ["frechet_distance", "kid", "precision", "recall", "class_consistency", f"probe_t0.5_b{depth}"]
     lines += ["", f"**Curves** (CFG 1.0, mean ± std over seeds; probe at block {depth}, the LSEP probe depth):", "",
               "| arm | step | GFLOPs | " + " | ".join(metric_label(c) for c in names) + " |",
@@ -122,7 +124,7 @@ def plot(result, path, sha):
     import matplotlib.pyplot as plt
 
     cfg = result["settings"]
-    depth = cfg["train_flags"][cfg["train_flags"].index("--encoder-depth") + 1]
+    depth = flag_value(cfg["train_flags"], "--encoder-depth")
     names = ["frechet_distance", "kid", "class_consistency", f"probe_t0.5_b{depth}"]
     fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 6.4))
     for k, name in enumerate(names):
